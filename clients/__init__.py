@@ -1,0 +1,1 @@
+"""Flower ClientApp for the devices of a household."""

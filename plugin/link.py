@@ -1,0 +1,376 @@
+"""Links between neighbouring pipeline stages.
+
+A `Link` sends and receives `Frame` objects to and from one peer. The pipeline
+runtime sees only this interface, so it runs unchanged over plaintext TCP on
+loopback (tests, benchmarks) and over mutual TLS between household devices.
+
+`SocketLink` drives two stream sockets, one per direction. Each socket has a
+single owner thread: a writer thread sends queued frames on the outbound
+socket and a reader thread decodes frames from the inbound socket. Separate
+sockets matter for TLS, because an OpenSSL connection must not be read and
+written from two threads at once. The queue matters for deadlock freedom: with
+1F1B, neighbours send activations and gradients to each other at the same time,
+and two blocking `sendall` calls on full socket buffers would wait forever.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from homesplit.errors import (
+    FrameError,
+    LinkError,
+    PeerAbortedError,
+    PeerClosedError,
+    PeerTimeoutError,
+)
+from homesplit.wire import (
+    HEADER,
+    Frame,
+    FrameKind,
+    FrameLimits,
+    decode_fixed_header,
+    decode_shape,
+    encode_header,
+    tensor_from_payload,
+    tensor_payload,
+)
+
+__all__ = ["Link", "LinkTimeouts", "SocketLink", "read_frame", "write_frame"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkTimeouts:
+    """Deadlines of a link, in seconds.
+
+    Parameters
+    ----------
+    connect : float, default 60.0
+        How long to keep dialing or accepting until the peer is connected.
+    recv : float, default 300.0
+        Longest wait for one expected frame, however lively the peer is.
+    peer_silence : float, default 15.0
+        Longest time without any frame from the peer, heartbeats included,
+        before the peer counts as gone. Must exceed `heartbeat`.
+    heartbeat : float, default 2.0
+        Interval at which an idle sender emits a heartbeat frame.
+    """
+
+    connect: float = 60.0
+    recv: float = 300.0
+    peer_silence: float = 15.0
+    heartbeat: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "recv", "peer_silence", "heartbeat"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"LinkTimeouts.{name}={value!r} must be a positive number of seconds")
+        if self.peer_silence <= self.heartbeat:
+            raise ValueError(
+                f"LinkTimeouts.peer_silence={self.peer_silence} must exceed heartbeat={self.heartbeat}, "
+                "otherwise a healthy idle peer counts as gone"
+            )
+
+
+class Link(abc.ABC):
+    """A bidirectional, ordered frame channel to one peer stage.
+
+    Frames arrive in the order the peer sent them. `send` never blocks on the
+    network. `recv` waits at most its deadline.
+    """
+
+    peer: str
+    """Name of the peer for messages: its device name and address."""
+
+    @abc.abstractmethod
+    def send(self, frame: Frame) -> None:
+        """Queue `frame` for sending.
+
+        Raises
+        ------
+        LinkError
+            If the link already failed.
+        """
+
+    @abc.abstractmethod
+    def recv(self, *, timeout: float | None = None) -> Frame:
+        """Return the next frame from the peer, waiting at most `timeout` seconds.
+
+        Heartbeats are consumed internally and never returned.
+
+        Raises
+        ------
+        PeerTimeoutError
+            If nothing arrives before the deadline, or the peer falls silent.
+        PeerClosedError
+            If the peer closed the connection or died.
+        PeerAbortedError
+            If the peer reported an error of its own.
+        FrameError
+            If the peer sent a malformed frame; the link is closed.
+        """
+
+    @abc.abstractmethod
+    def close(self, *, reason: str | None = None) -> None:
+        """Close the link, telling the peer `reason` if it is an abort."""
+
+    @property
+    @abc.abstractmethod
+    def bytes_sent(self) -> int:
+        """Bytes written to the network so far, headers included."""
+
+    @property
+    @abc.abstractmethod
+    def bytes_received(self) -> int:
+        """Bytes read from the network so far, headers included."""
+
+
+def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str) -> None:
+    received = 0
+    while received < len(view):
+        n = sock.recv_into(view[received:])
+        if n == 0:
+            if received:
+                raise FrameError(f"connection from {peer} ended in the middle of a frame ({received} of {len(view)} bytes)")
+            raise PeerClosedError(f"peer {peer} closed the connection", peer=peer)
+        received += n
+
+
+def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str) -> tuple[Frame, int]:
+    """Read one frame from a blocking stream socket.
+
+    Returns
+    -------
+    tuple of (Frame, int)
+        The frame and the number of bytes it took on the wire.
+
+    Raises
+    ------
+    FrameError
+        If the header is invalid; no payload memory has been allocated then.
+    PeerClosedError
+        If the connection ends cleanly before a frame starts.
+    """
+    fixed = bytearray(HEADER.size)
+    _recv_exactly_into(sock, memoryview(fixed), peer)
+    header = decode_fixed_header(fixed, limits, peer=peer)
+    shape_bytes = bytearray(8 * header.ndim)
+    if shape_bytes:
+        try:
+            _recv_exactly_into(sock, memoryview(shape_bytes), peer)
+        except PeerClosedError:
+            raise FrameError(f"connection from {peer} ended inside a frame header") from None
+    header = decode_shape(header, shape_bytes, peer=peer)
+
+    # The length was checked against the limit and the shape above, so this
+    # allocation is bounded by FrameLimits.max_payload_bytes.
+    payload = bytearray(header.payload_bytes)
+    if payload:
+        try:
+            _recv_exactly_into(sock, memoryview(payload), peer)
+        except PeerClosedError:
+            raise FrameError(
+                f"connection from {peer} ended inside a {header.payload_bytes}-byte payload"
+            ) from None
+    frame = Frame(
+        header.kind,
+        tensor_from_payload(header, payload),
+        round=header.round,
+        step=header.step,
+        microbatch=header.microbatch,
+        part=header.part,
+        parts=header.parts,
+    )
+    return frame, HEADER.size + len(shape_bytes) + len(payload)
+
+
+def write_frame(sock: socket.socket, frame: Frame) -> int:
+    """Write one frame to a blocking stream socket and return its size in bytes."""
+    header = encode_header(frame)
+    payload = tensor_payload(frame.tensor)
+    sock.sendall(header)
+    if len(payload):
+        sock.sendall(payload)
+    return len(header) + len(payload)
+
+
+class _Failure:
+    """Queue item that carries the error which ended the reader."""
+
+    def __init__(self, error: LinkError | FrameError) -> None:
+        self.error = error
+
+
+_STOP = object()
+
+
+class SocketLink(Link):
+    """A `Link` over two connected stream sockets, one per direction.
+
+    Parameters
+    ----------
+    outbound : socket.socket
+        Socket this side writes to; only the writer thread touches it.
+    inbound : socket.socket
+        Socket this side reads from; only the reader thread touches it. It may
+        be the same object as `outbound` for plain TCP sockets, never for TLS.
+    peer : str
+        Peer name used in errors and logs.
+    limits : FrameLimits, optional
+        Header limits for received frames.
+    timeouts : LinkTimeouts, optional
+        Deadlines for receiving and for peer liveness.
+    """
+
+    def __init__(
+        self,
+        outbound: socket.socket,
+        inbound: socket.socket,
+        *,
+        peer: str,
+        limits: FrameLimits | None = None,
+        timeouts: LinkTimeouts | None = None,
+    ) -> None:
+        self.peer = peer
+        self._outbound = outbound
+        self._inbound = inbound
+        self._limits = limits or FrameLimits()
+        self._timeouts = timeouts or LinkTimeouts()
+        self._outgoing: queue.Queue[object] = queue.Queue()
+        self._incoming: queue.Queue[object] = queue.Queue()
+        self._error: LinkError | FrameError | None = None
+        self._closed = False
+        self._last_seen = time.monotonic()
+        self._sent = 0
+        self._received = 0
+        self._lock = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name=f"homesplit-send-{peer}", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name=f"homesplit-recv-{peer}", daemon=True)
+        self._writer.start()
+        self._reader.start()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._received
+
+    def send(self, frame: Frame) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise PeerClosedError(f"link to {self.peer} is closed", peer=self.peer)
+        self._outgoing.put(frame)
+
+    def recv(self, *, timeout: float | None = None) -> Frame:
+        wait = self._timeouts.recv if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise PeerTimeoutError(f"no frame from {self.peer} within {wait:.1f} s", peer=self.peer)
+            silence = now - self._last_seen
+            if silence > self._timeouts.peer_silence:
+                raise PeerTimeoutError(
+                    f"peer {self.peer} sent nothing, not even a heartbeat, for {silence:.1f} s "
+                    f"(peer_silence={self._timeouts.peer_silence} s)",
+                    peer=self.peer,
+                )
+            try:
+                item = self._incoming.get(timeout=min(deadline - now, 0.25))
+            except queue.Empty:
+                continue
+            if isinstance(item, _Failure):
+                # Leave the failure in place so every later call raises it too.
+                self._incoming.put(item)
+                raise item.error
+            assert isinstance(item, Frame)
+            return item
+
+    def close(self, *, reason: str | None = None) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        final = Frame.text(FrameKind.ABORT, reason) if reason else Frame(FrameKind.END)
+        self._outgoing.put(final)
+        self._outgoing.put(_STOP)
+        # Give the writer a bounded moment to flush queued frames, then tear
+        # the sockets down so that the reader unblocks.
+        self._writer.join(timeout=self._timeouts.heartbeat + 5.0)
+        for sock in {id(self._outbound): self._outbound, id(self._inbound): self._inbound}.values():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._reader.join(timeout=5.0)
+
+    def _fail(self, error: LinkError | FrameError) -> None:
+        if self._error is None:
+            self._error = error
+        self._incoming.put(_Failure(error))
+
+    def _write_loop(self) -> None:
+        heartbeat = Frame(FrameKind.HEARTBEAT)
+        while True:
+            try:
+                item = self._outgoing.get(timeout=self._timeouts.heartbeat)
+            except queue.Empty:
+                item = heartbeat
+            if item is _STOP:
+                return
+            assert isinstance(item, Frame)
+            try:
+                self._sent += write_frame(self._outbound, item)
+            except (OSError, ValueError) as exc:
+                if not self._closed:
+                    self._fail(PeerClosedError(f"sending to {self.peer} failed: {exc}", peer=self.peer))
+                return
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                frame, size = read_frame(self._inbound, self._limits, peer=self.peer)
+            except (LinkError, FrameError) as exc:
+                if isinstance(exc, FrameError):
+                    logger.error("Closing link to %s: %s", self.peer, exc)
+                    self._shutdown_inbound()
+                self._fail(exc)
+                return
+            except (OSError, ValueError) as exc:
+                if self._closed:
+                    return
+                self._fail(PeerClosedError(f"receiving from {self.peer} failed: {exc}", peer=self.peer))
+                return
+            self._received += size
+            self._last_seen = time.monotonic()
+            if frame.kind is FrameKind.HEARTBEAT:
+                continue
+            if frame.kind is FrameKind.ABORT:
+                self._fail(PeerAbortedError(f"peer {self.peer} stopped: {frame.as_text()}", peer=self.peer))
+                return
+            if frame.kind is FrameKind.END:
+                self._fail(PeerClosedError(f"peer {self.peer} finished and closed the link", peer=self.peer))
+                return
+            self._incoming.put(frame)
+
+    def _shutdown_inbound(self) -> None:
+        try:
+            self._inbound.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -1,0 +1,1 @@
+"""Differential privacy for the updates that leave a household."""

@@ -1,0 +1,1 @@
+"""Flower strategies that train households as pipelines and federate them."""
