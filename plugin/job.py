@@ -1,0 +1,188 @@
+"""A pipeline training job as plain data, and the factories it names.
+
+A `PipelineJob` is everything a stage process needs besides its links and its
+initial weights: which model to build, where to cut it, how to train it. It is
+JSON, so it crosses process and device boundaries without pickle, and every
+code reference in it is an importable ``module:function`` string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from homesplit.errors import ConfigError
+from homesplit.partition import SplitModel, split_model
+from homesplit.schedule import SCHEDULES
+
+__all__ = ["PipelineJob", "load_callable", "build_optimizer", "build_loss", "build_split", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
+
+
+def load_callable(reference: str) -> Callable[..., Any]:
+    """Import ``module:attribute`` and return the attribute.
+
+    Raises
+    ------
+    ConfigError
+        If the reference is malformed, the module cannot be imported, or the
+        attribute is missing or not callable.
+    """
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"{reference!r} is not a 'module:function' reference, e.g. 'homesplit.models:mlp'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {module_name!r} from {reference!r}: {exc}") from exc
+    target: Any = module
+    for part in attribute.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ConfigError(f"module {module_name!r} has no attribute {attribute!r} (from {reference!r})")
+    if not callable(target):
+        raise ConfigError(f"{reference!r} is not callable")
+    return target
+
+
+@dataclass
+class PipelineJob:
+    """Everything that defines a pipeline training run, as JSON-friendly data.
+
+    Parameters
+    ----------
+    model : str
+        ``module:function`` that builds the full model; called with `model_kwargs`.
+    example_shape : list of int
+        Shape of one example input (batch dimension included, usually 1).
+    example_dtype : str, default "float32"
+        Dtype of the example input, a key of `DTYPES`.
+    cuts : list of str
+        Where to cut the model; ``len(cuts) + 1`` stages.
+    data : str
+        ``module:function`` returning an iterable of ``(inputs, targets)``
+        mini-batches; called with `data_kwargs` on stage 0 only.
+    schedule : {"gpipe", "1f1b"}, default "1f1b"
+    num_microbatches : int, default 4
+    optimizer : dict, default SGD with lr 0.1
+        ``{"name": <torch.optim class name>, **kwargs}``.
+    loss : str, default "cross_entropy"
+        ``"cross_entropy"``, ``"mse"`` or a ``module:function`` reference.
+    max_steps : int or None, default None
+        Stop after this many mini-batches even if the data goes on.
+    devices : list of str, optional
+        Device name per stage; defaults to ``stage0``, ``stage1``, ...
+    """
+
+    model: str
+    example_shape: list[int]
+    cuts: list[str]
+    data: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    example_dtype: str = "float32"
+    schedule: str = "1f1b"
+    num_microbatches: int = 4
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "SGD", "lr": 0.1})
+    loss: str = "cross_entropy"
+    max_steps: int | None = None
+    devices: list[str] = field(default_factory=list)
+    household: str = "local"
+    round: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        if self.num_microbatches < 1:
+            raise ConfigError(f"num_microbatches={self.num_microbatches} must be at least 1")
+        if self.example_dtype not in DTYPES:
+            raise ConfigError(f"example_dtype={self.example_dtype!r} is unknown; use one of {sorted(DTYPES)}")
+        if not self.devices:
+            self.devices = [f"stage{k}" for k in range(self.num_stages)]
+        if len(self.devices) != self.num_stages or len(set(self.devices)) != len(self.devices):
+            raise ConfigError(f"devices={self.devices} must name {self.num_stages} distinct devices, one per stage")
+
+    @property
+    def num_stages(self) -> int:
+        """Number of pipeline stages."""
+        return len(self.cuts) + 1
+
+    def to_json(self) -> str:
+        """Serialise to JSON."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PipelineJob:
+        """Parse JSON written by `to_json`.
+
+        Raises
+        ------
+        ConfigError
+            On unknown or missing keys.
+        """
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown pipeline job keys {unknown}; allowed keys are {sorted(known)}")
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise ConfigError(f"invalid pipeline job: {exc}") from exc
+
+    def build_model(self, *, device: str | torch.device = "cpu") -> nn.Module:
+        """Build the full model on `device` (``"meta"`` allocates nothing)."""
+        factory = load_callable(self.model)
+        with torch.device(device):
+            model = factory(**self.model_kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"{self.model!r} returned a {type(model).__name__}, not an nn.Module")
+        return model
+
+    def example_inputs(self, *, device: str | torch.device = "meta") -> tuple[torch.Tensor]:
+        """Return the example input on `device` as a one-element tuple."""
+        return (torch.zeros(self.example_shape, dtype=DTYPES[self.example_dtype], device=device),)
+
+
+def build_split(job: PipelineJob, *, device: str | torch.device = "meta") -> SplitModel:
+    """Build the model on `device` and split it at the job's cuts."""
+    model = job.build_model(device=device)
+    return split_model(model, job.cuts, example_inputs=job.example_inputs(device=device))
+
+
+def build_optimizer(spec: dict[str, Any], parameters) -> torch.optim.Optimizer:
+    """Build a torch optimizer from ``{"name": "Adam", "lr": 1e-3, ...}``.
+
+    Raises
+    ------
+    ConfigError
+        If the name is not a torch.optim optimizer or a keyword is invalid.
+    """
+    options = dict(spec)
+    name = options.pop("name", None)
+    by_lower = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
+    cls_name = by_lower.get(str(name).lower())
+    cls = getattr(torch.optim, cls_name) if cls_name else None
+    if cls is None or not issubclass(cls, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer name {name!r} is not a torch.optim optimizer; use e.g. 'SGD' or 'Adam'")
+    try:
+        return cls(parameters, **options)
+    except TypeError as exc:
+        raise ConfigError(f"invalid options {options} for optimizer {cls_name}: {exc}") from exc
+
+
+def build_loss(reference: str) -> Callable[[Any, Any], torch.Tensor]:
+    """Return the loss function named by `reference`; it must average over samples."""
+    if reference == "cross_entropy":
+        return torch.nn.functional.cross_entropy
+    if reference == "mse":
+        return torch.nn.functional.mse_loss
+    return load_callable(reference)

@@ -1,0 +1,240 @@
+"""Run a pipeline on this machine, one OS process per stage.
+
+This is how tests and benchmarks stand in for a household: each stage is a
+`homesplit.worker` process, and the stages talk over real sockets on
+loopback. The parent opens every listening socket itself and hands it to the
+child by file descriptor, so ports are chosen without a race.
+
+`train_reference` trains the same job unsplit in this process; it is the
+independent reference that the pipeline must match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from homesplit.errors import HomesplitError
+from homesplit.job import PipelineJob, build_loss, build_optimizer, build_split, load_callable
+from homesplit.tensorfile import load_tensors, save_tensors
+from homesplit.transport import open_listener
+
+__all__ = ["PipelineRunError", "LocalRun", "run_local_pipeline", "train_reference", "split_state"]
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineRunError(HomesplitError):
+    """One or more stage processes failed; `reports` has each stage's error."""
+
+    def __init__(self, message: str, reports: list[dict[str, Any]]) -> None:
+        super().__init__(message)
+        self.reports = reports
+
+
+@dataclass
+class LocalRun:
+    """Outcome of `run_local_pipeline`.
+
+    Attributes
+    ----------
+    state : dict of str to Tensor
+        Union of the final segment weights, keyed as in the full model.
+    reports : list of dict
+        Per stage: its JSON report (steps, bytes, seconds, peak RSS).
+    seconds : float
+        Wall time from the first process start to the last exit.
+    """
+
+    state: dict[str, torch.Tensor]
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def split_state(job: PipelineJob, state: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Cut a full state dict into per-stage state dicts by segment parameter names."""
+    split = build_split(job, device="meta")
+    return [{name: state[name] for name in split.parameter_names(k)} for k in range(split.num_stages)]
+
+
+def run_local_pipeline(
+    job: PipelineJob,
+    initial_state: Mapping[str, torch.Tensor],
+    *,
+    workdir: str | os.PathLike,
+    transport: str = "tcp",
+    bundles: Sequence[str] | None = None,
+    threads: int = 1,
+    deadline: float = 600.0,
+    peer_silence: float = 15.0,
+    connect_timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
+    started: Any = None,
+) -> LocalRun:
+    """Train `job` with one process per stage on loopback and return the result.
+
+    Parameters
+    ----------
+    job : PipelineJob
+        The job; ``job.num_stages`` processes are started.
+    initial_state : mapping of str to Tensor
+        Full-model weights; each stage gets only its segment's share.
+    workdir : path
+        Folder for the job file, weight files and reports.
+    transport : {"tcp", "tls"}, default "tcp"
+        Link transport; "tls" needs one device bundle folder per stage in `bundles`.
+    threads : int, default 1
+        torch threads per stage process.
+    deadline : float, default 600.0
+        Seconds after which every stage still running is killed.
+    peer_silence, connect_timeout : float
+        Link deadlines passed to every stage, in seconds.
+    extra_env : mapping, optional
+        Extra environment variables for the stage processes.
+    started : callable, optional
+        Called with the list of `subprocess.Popen` objects once all started,
+        so a caller can inspect or signal them (tests kill one this way).
+
+    Raises
+    ------
+    PipelineRunError
+        If any stage fails or the deadline passes; the message names each
+        failed stage and its error.
+    """
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    job_path = work / "job.json"
+    job_path.write_text(job.to_json())
+    shares = split_state(job, initial_state)
+    listeners = [open_listener("127.0.0.1:0") for _ in range(job.num_stages - 1)]
+    addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in listeners]
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    processes: list[subprocess.Popen] = []
+    start = time.perf_counter()
+    try:
+        for stage in range(job.num_stages):
+            weights = work / f"stage{stage}.init.tensors"
+            save_tensors(weights, shares[stage])
+            command = [
+                sys.executable, "-m", "homesplit.worker",
+                "--job", str(job_path), "--stage", str(stage), "--weights", str(weights),
+                "--out", str(work / f"stage{stage}"), "--transport", transport, "--threads", str(threads),
+                "--peer-silence", str(peer_silence), "--connect-timeout", str(connect_timeout),
+            ]  # fmt: skip
+            pass_fds: tuple[int, ...] = ()
+            if stage > 0:
+                fd = listeners[stage - 1].fileno()
+                command += ["--listen", f"fd:{fd}"]
+                pass_fds = (fd,)
+            if stage < job.num_stages - 1:
+                command += ["--next", addresses[stage]]
+            if transport == "tls":
+                if not bundles or len(bundles) != job.num_stages:
+                    raise HomesplitError(f"transport 'tls' needs {job.num_stages} bundle folders, got {bundles}")
+                command += ["--bundle", str(bundles[stage])]
+            log = open(work / f"stage{stage}.log", "wb")  # noqa: SIM115 - closed with the process
+            processes.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds, env=env, start_new_session=True)
+            )
+            log.close()
+        for sock in listeners:
+            sock.close()
+        if started is not None:
+            started(processes)
+        _wait_all(processes, deadline=start + deadline)
+    finally:
+        for sock in listeners:
+            sock.close()
+        _stop(processes)
+    seconds = time.perf_counter() - start
+    reports = [_read_report(work, stage, proc) for stage, proc in enumerate(processes)]
+    failed = [r for r in reports if r.get("error")]
+    if failed:
+        summary = "; ".join(f"stage {r['stage']}: {r['error']}" for r in failed)
+        raise PipelineRunError(f"{len(failed)} of {job.num_stages} stages failed: {summary}", reports)
+    state: dict[str, torch.Tensor] = {}
+    for stage in range(job.num_stages):
+        state.update(load_tensors(work / f"stage{stage}.tensors"))
+    return LocalRun(state=state, reports=reports, seconds=seconds)
+
+
+def _wait_all(processes: list[subprocess.Popen], *, deadline: float) -> None:
+    pending = list(processes)
+    while pending:
+        if time.perf_counter() > deadline:
+            logger.error("Pipeline deadline passed; killing %d stage processes", len(pending))
+            return
+        pending = [p for p in pending if p.poll() is None]
+        time.sleep(0.05)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Stop every process still running: SIGTERM, a grace period, then SIGKILL."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in processes:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _read_report(work: Path, stage: int, proc: subprocess.Popen) -> dict[str, Any]:
+    path = work / f"stage{stage}.json"
+    if path.exists():
+        report = json.loads(path.read_text())
+    else:
+        tail = (work / f"stage{stage}.log").read_text(errors="replace").strip().splitlines()[-3:]
+        report = {"stage": stage, "error": f"process {proc.pid} exited with code {proc.returncode} without a report; log: {' | '.join(tail)}"}
+    report["returncode"] = proc.returncode
+    return report
+
+
+def train_reference(
+    job: PipelineJob, initial_state: Mapping[str, torch.Tensor], *, threads: int | None = None
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train `job` unsplit in this process: the reference the pipeline must equal.
+
+    Each mini-batch is one forward and backward pass of the whole model with
+    the loss averaged over the mini-batch, then one optimizer step. Empty
+    mini-batches are skipped, as the pipeline skips them.
+
+    Returns
+    -------
+    tuple of (dict, list of float)
+        Final weights and the loss of every non-empty mini-batch.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = job.build_model(device="cpu")
+    model.load_state_dict(dict(initial_state), strict=True)
+    model.train()
+    optimizer = build_optimizer(job.optimizer, model.parameters())
+    loss_fn = build_loss(job.loss)
+    losses = []
+    for index, (inputs, targets) in enumerate(load_callable(job.data)(**job.data_kwargs)):
+        if job.max_steps is not None and index >= job.max_steps:
+            break
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        if args[0].shape[0] == 0:
+            continue
+        loss = loss_fn(model(*args), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, losses

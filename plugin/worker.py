@@ -1,0 +1,174 @@
+"""Entry point of one stage process: ``python -m homesplit.worker``.
+
+Tests, benchmarks and `homesplit.local` start one such process per stage, each
+standing in for a device. The process reads a `PipelineJob`, builds only its
+own segment (the full model is a skeleton on the ``meta`` device), loads its
+initial weights, connects to its neighbours and trains. It writes its final
+weights and a JSON report next to each other, and exits 0 on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from homesplit.errors import ConfigError
+from homesplit.job import PipelineJob, build_loss, build_optimizer, build_split, load_callable
+from homesplit.link import Link, LinkTimeouts
+from homesplit.stage import StageRunner, StepResult
+from homesplit.tensorfile import load_tensors, save_tensors
+from homesplit.transport import PeerIdentity, TcpTransport, open_listener
+
+__all__ = ["make_transport", "run_stage", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+def make_transport(kind: str, *, bundle: str | None, timeouts: LinkTimeouts):
+    """Return the transport for `kind` ("tcp" or "tls")."""
+    if kind == "tcp":
+        return TcpTransport(timeouts=timeouts)
+    if kind == "tls":
+        if not bundle:
+            raise ConfigError("transport 'tls' needs --bundle, the device bundle folder")
+        from homesplit.tls import TlsTransport
+
+        return TlsTransport.from_bundle(bundle, timeouts=timeouts)
+    raise ConfigError(f"transport {kind!r} is unknown; use 'tcp' or 'tls'")
+
+
+def connect_stage(
+    job: PipelineJob, stage: int, transport, *, listen: str | None, next_address: str | None
+) -> tuple[Link | None, Link | None]:
+    """Accept the upstream link (if any), then dial the downstream one (if any)."""
+    me = PeerIdentity(job.devices[stage], stage, job.household, job.round)
+    upstream = downstream = None
+    listener = None
+    if stage > 0:
+        if not listen:
+            raise ConfigError(f"stage {stage} needs a listen address for its upstream neighbour")
+        listener = open_listener(listen)
+    try:
+        if stage < job.num_stages - 1:
+            if not next_address:
+                raise ConfigError(f"stage {stage} needs the address of stage {stage + 1}")
+            peer = PeerIdentity(job.devices[stage + 1], stage + 1, job.household, job.round)
+            downstream = transport.dial(next_address, local=me, expect=peer)
+        if listener is not None:
+            peer = PeerIdentity(job.devices[stage - 1], stage - 1, job.household, job.round)
+            upstream = transport.accept(listener, local=me, expect=peer)
+    except BaseException:
+        if downstream is not None:
+            downstream.close(reason=f"stage {stage} could not connect upstream")
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+    return upstream, downstream
+
+
+def run_stage(
+    job: PipelineJob,
+    stage: int,
+    weights: dict[str, torch.Tensor],
+    upstream: Link | None,
+    downstream: Link | None,
+) -> tuple[dict[str, torch.Tensor], list[StepResult]]:
+    """Train this stage's segment for the whole job and return its final weights and step results."""
+    split = build_split(job, device="meta")
+    segment = split.segments[stage]
+    segment.to_empty(device="cpu")
+    missing = set(segment.state_dict()) - set(weights)
+    if missing:
+        raise ConfigError(f"initial weights for stage {stage} lack {sorted(missing)[:5]}")
+    segment.load_state_dict({k: weights[k] for k in segment.state_dict()}, strict=True)
+    optimizer = build_optimizer(job.optimizer, segment.parameters())
+    runner = StageRunner(
+        segment,
+        stage=stage,
+        num_stages=job.num_stages,
+        args_spec=split.boundaries[stage - 1].args_spec if stage > 0 else None,
+        upstream=upstream,
+        downstream=downstream,
+        optimizer=optimizer,
+        schedule=job.schedule,
+        loss_fn=build_loss(job.loss) if stage == job.num_stages - 1 else None,
+        round=job.round,
+    )
+    try:
+        if stage == 0:
+            results = []
+            data = load_callable(job.data)(**job.data_kwargs)
+            for index, (inputs, targets) in enumerate(data):
+                if job.max_steps is not None and index >= job.max_steps:
+                    break
+                results.append(runner.train_step(inputs, targets, num_microbatches=job.num_microbatches))
+            runner.finish()
+        else:
+            results = runner.serve()
+    except BaseException as exc:
+        runner.close(error=exc)
+        raise
+    runner.close()
+    return {k: v.detach().clone() for k, v in segment.state_dict().items()}, results
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m homesplit.worker", description="Run one pipeline stage.")
+    parser.add_argument("--job", required=True, help="path of the PipelineJob JSON file")
+    parser.add_argument("--stage", type=int, required=True, help="stage index of this process")
+    parser.add_argument("--weights", required=True, help="tensor file with this stage's initial weights")
+    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.tensors and PREFIX.json")
+    parser.add_argument("--listen", help="HOST:PORT or fd:N to accept the upstream stage on")
+    parser.add_argument("--next", dest="next_address", help="HOST:PORT of the downstream stage")
+    parser.add_argument("--transport", default="tcp", choices=["tcp", "tls"], help="link transport (default: tcp)")
+    parser.add_argument("--bundle", help="device bundle folder, for --transport tls")
+    parser.add_argument("--connect-timeout", type=float, default=60.0, help="seconds to wait for neighbours")
+    parser.add_argument("--recv-timeout", type=float, default=300.0, help="seconds to wait for one frame")
+    parser.add_argument("--peer-silence", type=float, default=15.0, help="seconds of silence before a peer counts as gone")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage as a process and return its exit code."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HOMESPLIT_LOG_LEVEL", "INFO"), format=f"%(levelname)s stage{args.stage} %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {"stage": args.stage, "pid": os.getpid()}
+    start = time.perf_counter()
+    upstream = downstream = None
+    try:
+        job = PipelineJob.from_json(Path(args.job).read_text())
+        timeouts = LinkTimeouts(connect=args.connect_timeout, recv=args.recv_timeout, peer_silence=args.peer_silence)
+        transport = make_transport(args.transport, bundle=args.bundle, timeouts=timeouts)
+        upstream, downstream = connect_stage(job, args.stage, transport, listen=args.listen, next_address=args.next_address)
+        weights = load_tensors(args.weights)
+        state, results = run_stage(job, args.stage, weights, upstream, downstream)
+        save_tensors(f"{args.out}.tensors", state)
+        report["steps"] = [vars(r) for r in results]
+        report["bytes_sent"] = sum(link.bytes_sent for link in (upstream, downstream) if link is not None)
+        report["bytes_received"] = sum(link.bytes_received for link in (upstream, downstream) if link is not None)
+        code = 0
+    except Exception as exc:
+        logger.error("Stage %d failed: %s", args.stage, exc)
+        for link in (upstream, downstream):
+            if link is not None:
+                link.close(reason=f"stage {args.stage} failed: {exc}")
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        code = 1
+    report["seconds"] = time.perf_counter() - start
+    Path(f"{args.out}.json").write_text(json.dumps(report))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
