@@ -1,0 +1,329 @@
+"""Measure a model's layer profile by running it, and cache the result.
+
+The model is split at every candidate cut with `homesplit.partition.split_model`,
+so each unit is exactly what a stage would run. Each unit then runs forward and
+backward on the example inputs (or on what the previous unit returned):
+
+- time: the median of several timed forward plus backward passes, divided by
+  the batch size;
+- activation bytes kept for backward: the distinct storages that autograd
+  saves during the forward pass (through `torch.autograd.graph.saved_tensors_hooks`),
+  leaving out the unit's own parameters and buffers;
+- output bytes: the tensors the unit hands across the next cut;
+- parameter bytes: the unit's parameters and buffers. Gradient bytes: its
+  trainable parameters;
+- optimizer state: the size of PyTorch's own state for SGD, SGD with momentum
+  and Adam/AdamW. Adam keeps exp_avg, exp_avg_sq and a float32 step per
+  parameter tensor.
+
+NOTE: a tensor that one unit returns and the next unit saves for backward
+(a ReLU output feeding a Linear, say) is counted in both units. For a stage of
+several units, this double count raises the activation estimate.
+
+Profiles are cached in a JSON file keyed by a hash of the model structure,
+the cuts and the input shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from homesplit.errors import ConfigError
+from homesplit.partition import candidate_cuts, flatten_value, split_model
+from homesplit.planner.benchmark import measure_matmul_flops
+from homesplit.planner.profiles import LayerProfile, ModelProfile
+
+__all__ = ["profile_model", "model_signature"]
+
+logger = logging.getLogger(__name__)
+
+# Bytes of a float32 scalar: Adam keeps its step count as one per parameter tensor.
+_STEP_BYTES = 4
+
+
+def profile_model(
+    model: nn.Module,
+    example_inputs: tuple,
+    cuts: Sequence[str] | None = None,
+    *,
+    cache_path: str | Path | None = None,
+    repeats: int = 5,
+    leaf_modules: Sequence[type] = (),
+) -> ModelProfile:
+    """Profile every unit between consecutive cuts of `model` on this machine.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The full model with real (not ``meta``) parameters, in training mode
+        as it will train. Its parameters, buffers and gradients are the same
+        afterwards.
+    example_inputs : tuple
+        Positional inputs of one mini-batch; the first dimension of the first
+        tensor is the batch size that per-sample figures divide by.
+    cuts : sequence of str or None, default None
+        Candidate cuts in execution order; None takes `candidate_cuts(model)`.
+    cache_path : str or Path or None, default None
+        JSON file of cached profiles. A cached profile with the same
+        signature is returned without running the model; a new one is added.
+    repeats : int, default 5
+        Timed forward plus backward passes per unit, after one untimed pass.
+    leaf_modules : sequence of type, default ()
+        Passed to `split_model` and `candidate_cuts`.
+
+    Returns
+    -------
+    ModelProfile
+        One `LayerProfile` per unit and this machine's matrix-multiply throughput.
+
+    Raises
+    ------
+    ConfigError
+        If the model lives on the ``meta`` device, the inputs have no batch
+        dimension, or `repeats` is below 1.
+    PartitionError
+        If the model cannot be cut at `cuts`.
+    """
+    if repeats < 1:
+        raise ConfigError(f"repeats={repeats} must be at least 1")
+    example_inputs = tuple(example_inputs)
+    if any(tensor.is_meta for tensor in model.parameters()):
+        raise ConfigError("the model has parameters on the meta device; profile a model with real weights")
+    batch_size = _batch_size(example_inputs)
+    if cuts is None:
+        cuts = candidate_cuts(model, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    cuts = list(cuts)
+
+    signature = model_signature(model, example_inputs, cuts)
+    cached = _read_cache(cache_path, signature)
+    if cached is not None:
+        logger.debug("profile %s of %s read from %s", signature[:12], type(model).__name__, cache_path)
+        return cached
+
+    names = [_first_unit_name(model, cuts), *cuts]
+    layers = []
+    args: tuple = example_inputs
+    # split_model runs the example inputs through the segments as well.
+    with _restoring_state(model):
+        split = split_model(model, cuts, example_inputs=example_inputs, leaf_modules=leaf_modules)
+        for k, segment in enumerate(split.segments):
+            is_last = k == len(split.segments) - 1
+            layer, output = _profile_unit(
+                segment,
+                args,
+                name=names[k],
+                cut=None if is_last else cuts[k],
+                batch_size=batch_size,
+                repeats=repeats,
+                inputs_need_grad=k > 0,
+            )
+            layers.append(layer)
+            if not is_last:
+                args = pytree.tree_unflatten(flatten_value(output), split.boundaries[k].args_spec)
+
+    profile = ModelProfile(
+        layers=layers,
+        reference_flops_per_second=measure_matmul_flops(),
+        batch_shape=[list(tensor.shape) for tensor in flatten_value(example_inputs)],
+        signature=signature,
+    )
+    _write_cache(cache_path, profile)
+    logger.info("profiled %d units of %s", len(layers), type(model).__name__)
+    return profile
+
+
+def model_signature(model: nn.Module, example_inputs: tuple, cuts: Sequence[str]) -> str:
+    """Return a hash of the model's structure, the cuts and the inputs' shapes and dtypes.
+
+    The structure is the module tree as `repr` prints it plus every state_dict
+    entry's name, shape and dtype, so changing a layer's size or kind changes
+    the signature but training the weights does not.
+    """
+    digest = hashlib.sha256()
+    parts: list[Any] = [type(model).__qualname__, repr(model), list(cuts), torch.__version__]
+    parts += [(name, list(value.shape), str(value.dtype)) for name, value in model.state_dict().items()]
+    parts += [(list(tensor.shape), str(tensor.dtype)) for tensor in flatten_value(tuple(example_inputs))]
+    digest.update(json.dumps(parts, default=str).encode())
+    return digest.hexdigest()
+
+
+def _profile_unit(
+    segment: nn.Module,
+    args: tuple,
+    *,
+    name: str,
+    cut: str | None,
+    batch_size: int,
+    repeats: int,
+    inputs_need_grad: bool,
+) -> tuple[LayerProfile, Any]:
+    """Measure one unit; return its profile and its output for the next unit."""
+    own_storages = {_storage_key(t) for t in [*segment.parameters(), *segment.buffers()]}
+    saved: dict[tuple, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in own_storages:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = _forward_backward(segment, args, inputs_need_grad)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _forward_backward(segment, args, inputs_need_grad)
+        seconds.append(time.perf_counter() - start)
+
+    parameters = list(segment.parameters())
+    trainable = [p for p in parameters if p.requires_grad]
+    state_bytes = sum(_nbytes(t) for t in [*parameters, *segment.buffers()])
+    gradient_bytes = sum(_nbytes(p) for p in trainable)
+    layer = LayerProfile(
+        name=name,
+        cut=cut,
+        seconds_per_sample=statistics.median(seconds) / batch_size,
+        output_bytes_per_sample=_per_sample(sum(_nbytes(t) for t in flatten_value(output)), batch_size),
+        parameter_count=sum(p.numel() for p in parameters),
+        parameter_bytes=state_bytes,
+        gradient_bytes=gradient_bytes,
+        optimizer_bytes={
+            "sgd": 0,
+            "sgd_momentum": gradient_bytes,
+            "adam": 2 * gradient_bytes + _STEP_BYTES * len(trainable),
+            "adamw": 2 * gradient_bytes + _STEP_BYTES * len(trainable),
+        },
+        activation_bytes_per_sample=_per_sample(sum(saved.values()), batch_size),
+    )
+    return layer, _detached(output)
+
+
+def _forward_backward(segment: nn.Module, args: tuple, inputs_need_grad: bool) -> Any:
+    """Run one forward and backward pass as a training stage would; return the output."""
+    leaves, spec = pytree.tree_flatten(args)
+    fresh = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            leaf = leaf.detach()
+            # A stage after the first sends its input gradient upstream, so it pays for computing it.
+            if inputs_need_grad and leaf.is_floating_point():
+                leaf.requires_grad_(True)
+        fresh.append(leaf)
+    output = segment(*pytree.tree_unflatten(fresh, spec))
+
+    # A random gradient of the output's shape costs what the real one would.
+    outputs = [t for t in flatten_value(output) if t.requires_grad]
+    if outputs:
+        torch.autograd.backward(outputs, [torch.randn_like(t) for t in outputs])
+    for parameter in segment.parameters():
+        parameter.grad = None
+    return output
+
+
+def _batch_size(example_inputs: tuple) -> int:
+    tensors = flatten_value(example_inputs)
+    if not tensors or tensors[0].dim() == 0:
+        raise ConfigError("example_inputs must contain a tensor whose first dimension is the batch")
+    return int(tensors[0].shape[0])
+
+
+def _first_unit_name(model: nn.Module, cuts: list[str]) -> str:
+    """Name the unit before the first cut by its first module, as candidate_cuts would list it.
+
+    NOTE: this takes the first registered child, which runs first in the models
+    homesplit ships. A model that registers its children out of execution
+    order gets a misleading name for this unit, but never a wrong split.
+    """
+    name, module = "", model
+    for _ in range(2 if not isinstance(model, nn.Sequential) else 64):
+        children = list(module.named_children())
+        if not children:
+            break
+        child_name, module = children[0]
+        name = f"{name}.{child_name}" if name else child_name
+        if not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            break
+    if not name or name in cuts:
+        return "input"
+    return name
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    storage = tensor.untyped_storage()
+    return (storage.data_ptr(), storage.nbytes())
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _per_sample(num_bytes: int, batch_size: int) -> int:
+    return -(-num_bytes // batch_size)
+
+
+def _detached(value: Any) -> Any:
+    return pytree.tree_map(lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, value)
+
+
+@contextlib.contextmanager
+def _restoring_state(model: nn.Module) -> Iterator[None]:
+    """Put back the model's buffers and gradients on exit."""
+    # Training-mode forwards update running statistics such as BatchNorm's.
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        for name, parameter in model.named_parameters():
+            parameter.grad = grads[name]
+
+
+def _read_cache(cache_path: str | Path | None, signature: str) -> ModelProfile | None:
+    if cache_path is None or not Path(cache_path).exists():
+        return None
+    try:
+        entries = json.loads(Path(cache_path).read_text(encoding="utf-8"))
+        entry = entries.get(signature)
+        return None if entry is None else ModelProfile.from_dict(entry)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        logger.warning("ignoring unreadable profile cache %s: %s", cache_path, error)
+        return None
+
+
+def _write_cache(cache_path: str | Path | None, profile: ModelProfile) -> None:
+    if cache_path is None:
+        return
+    path = Path(cache_path)
+    entries: dict[str, Any] = {}
+    if path.exists():
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            logger.warning("replacing unreadable profile cache %s: %s", path, error)
+    if not isinstance(entries, dict):
+        entries = {}
+    entries[profile.signature] = profile.to_dict()
+
+    # Write and rename, so a reader never sees half a file.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        json.dump(entries, file, sort_keys=True)
+    os.replace(temporary, path)
