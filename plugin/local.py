@@ -30,7 +30,7 @@ from homesplit.job import PipelineJob, build_loss, build_optimizer, build_split,
 from homesplit.tensorfile import load_tensors, save_tensors
 from homesplit.transport import open_listener
 
-__all__ = ["PipelineRunError", "LocalRun", "run_local_pipeline", "train_reference", "split_state"]
+__all__ = ["PipelineRunError", "LocalRun", "run_local_pipeline", "run_local_pipelines", "train_reference", "split_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,7 @@ def run_local_pipeline(
     initial_state: Mapping[str, torch.Tensor],
     *,
     workdir: str | os.PathLike,
-    transport: str = "tcp",
-    bundles: Sequence[str] | None = None,
-    threads: int = 1,
-    deadline: float = 600.0,
-    peer_silence: float = 15.0,
-    connect_timeout: float = 60.0,
-    extra_env: Mapping[str, str] | None = None,
-    started: Any = None,
+    **options: Any,
 ) -> LocalRun:
     """Train `job` with one process per stage on loopback and return the result.
 
@@ -91,9 +84,43 @@ def run_local_pipeline(
     initial_state : mapping of str to Tensor
         Full-model weights; each stage gets only its segment's share.
     workdir : path
-        Folder for the job file, weight files and reports.
+        Folder for the job file, weight files, logs and reports.
+    **options
+        As for `run_local_pipelines`.
+
+    Raises
+    ------
+    PipelineRunError
+        If any stage fails or the deadline passes; the message names each
+        failed stage and its error.
+    """
+    return _launch([job], [initial_state], Path(workdir), single=True, **options)[0]
+
+
+def run_local_pipelines(
+    jobs: Sequence[PipelineJob],
+    initial_states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    workdir: str | os.PathLike,
+    **options: Any,
+) -> list[LocalRun]:
+    """Train several jobs with the same stage count, one after another, in one set of stage processes.
+
+    Each stage process runs every job in turn, so process start-up is paid
+    once. Job ``i`` runs as round ``i``, so links of different jobs never mix.
+
+    Parameters
+    ----------
+    jobs : sequence of PipelineJob
+        Jobs with equal ``num_stages``.
+    initial_states : sequence of mappings
+        Full-model weights for each job.
+    workdir : path
+        Folder for job files, weights, logs and reports.
     transport : {"tcp", "tls"}, default "tcp"
         Link transport; "tls" needs one device bundle folder per stage in `bundles`.
+    bundles : sequence of str, optional
+        Device bundle folder per stage, for TLS.
     threads : int, default 1
         torch threads per stage process.
     deadline : float, default 600.0
@@ -109,27 +136,56 @@ def run_local_pipeline(
     Raises
     ------
     PipelineRunError
-        If any stage fails or the deadline passes; the message names each
-        failed stage and its error.
+        If any stage fails in any job.
     """
-    work = Path(workdir)
+    if len({job.num_stages for job in jobs}) != 1:
+        raise HomesplitError(f"jobs have stage counts {sorted({j.num_stages for j in jobs})}; run_local_pipelines needs one")
+    numbered = [PipelineJob.from_json(job.to_json()) for job in jobs]
+    for index, job in enumerate(numbered):
+        job.round = index
+    return _launch(numbered, initial_states, Path(workdir), single=False, **options)
+
+
+def _launch(
+    jobs: Sequence[PipelineJob],
+    initial_states: Sequence[Mapping[str, torch.Tensor]],
+    work: Path,
+    *,
+    single: bool,
+    transport: str = "tcp",
+    bundles: Sequence[str] | None = None,
+    threads: int = 1,
+    deadline: float = 600.0,
+    peer_silence: float = 15.0,
+    connect_timeout: float = 60.0,
+    extra_env: Mapping[str, str] | None = None,
+    started: Any = None,
+) -> list[LocalRun]:
     work.mkdir(parents=True, exist_ok=True)
+    num_stages = jobs[0].num_stages
     job_path = work / "job.json"
-    job_path.write_text(job.to_json())
-    shares = split_state(job, initial_state)
-    listeners = [open_listener("127.0.0.1:0") for _ in range(job.num_stages - 1)]
+    if single:
+        job_path.write_text(jobs[0].to_json())
+    else:
+        job_path.write_text("[" + ",".join(job.to_json() for job in jobs) + "]")
+    for index, (job, state) in enumerate(zip(jobs, initial_states)):
+        for stage, share in enumerate(split_state(job, state)):
+            suffix = "" if single else f"-{index}"
+            save_tensors(work / f"stage{stage}.init{suffix}.tensors", share)
+    if transport == "tls" and (not bundles or len(bundles) != num_stages):
+        raise HomesplitError(f"transport 'tls' needs {num_stages} bundle folders, one per stage; got {bundles}")
+
+    listeners = [open_listener("127.0.0.1:0") for _ in range(num_stages - 1)]
     addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in listeners]
     env = dict(os.environ)
     env.update(extra_env or {})
     processes: list[subprocess.Popen] = []
     start = time.perf_counter()
     try:
-        for stage in range(job.num_stages):
-            weights = work / f"stage{stage}.init.tensors"
-            save_tensors(weights, shares[stage])
+        for stage in range(num_stages):
             command = [
                 sys.executable, "-m", "homesplit.worker",
-                "--job", str(job_path), "--stage", str(stage), "--weights", str(weights),
+                "--job", str(job_path), "--stage", str(stage), "--weights", str(work / f"stage{stage}.init"),
                 "--out", str(work / f"stage{stage}"), "--transport", transport, "--threads", str(threads),
                 "--peer-silence", str(peer_silence), "--connect-timeout", str(connect_timeout),
             ]  # fmt: skip
@@ -138,17 +194,16 @@ def run_local_pipeline(
                 fd = listeners[stage - 1].fileno()
                 command += ["--listen", f"fd:{fd}"]
                 pass_fds = (fd,)
-            if stage < job.num_stages - 1:
+            if stage < num_stages - 1:
                 command += ["--next", addresses[stage]]
             if transport == "tls":
-                if not bundles or len(bundles) != job.num_stages:
-                    raise HomesplitError(f"transport 'tls' needs {job.num_stages} bundle folders, got {bundles}")
                 command += ["--bundle", str(bundles[stage])]
-            log = open(work / f"stage{stage}.log", "wb")  # noqa: SIM115 - closed with the process
-            processes.append(
-                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds, env=env, start_new_session=True)
-            )
-            log.close()
+            with open(work / f"stage{stage}.log", "wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, pass_fds=pass_fds, env=env, start_new_session=True
+                    )
+                )
         for sock in listeners:
             sock.close()
         if started is not None:
@@ -159,15 +214,20 @@ def run_local_pipeline(
             sock.close()
         _stop(processes)
     seconds = time.perf_counter() - start
-    reports = [_read_report(work, stage, proc) for stage, proc in enumerate(processes)]
-    failed = [r for r in reports if r.get("error")]
-    if failed:
-        summary = "; ".join(f"stage {r['stage']}: {r['error']}" for r in failed)
-        raise PipelineRunError(f"{len(failed)} of {job.num_stages} stages failed: {summary}", reports)
-    state: dict[str, torch.Tensor] = {}
-    for stage in range(job.num_stages):
-        state.update(load_tensors(work / f"stage{stage}.tensors"))
-    return LocalRun(state=state, reports=reports, seconds=seconds)
+
+    runs = []
+    for index in range(len(jobs)):
+        suffix = "" if single else f"-{index}"
+        reports = [_read_report(work, f"stage{stage}{suffix}", stage, proc) for stage, proc in enumerate(processes)]
+        failed = [r for r in reports if r.get("error")]
+        if failed:
+            summary = "; ".join(f"stage {r['stage']}: {r['error']}" for r in failed)
+            raise PipelineRunError(f"job {index}: {len(failed)} of {num_stages} stages failed: {summary}", reports)
+        state: dict[str, torch.Tensor] = {}
+        for stage in range(num_stages):
+            state.update(load_tensors(work / f"stage{stage}{suffix}.tensors"))
+        runs.append(LocalRun(state=state, reports=reports, seconds=seconds))
+    return runs
 
 
 def _wait_all(processes: list[subprocess.Popen], *, deadline: float) -> None:
@@ -193,13 +253,16 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             proc.wait(timeout=5)
 
 
-def _read_report(work: Path, stage: int, proc: subprocess.Popen) -> dict[str, Any]:
-    path = work / f"stage{stage}.json"
+def _read_report(work: Path, name: str, stage: int, proc: subprocess.Popen) -> dict[str, Any]:
+    path = work / f"{name}.json"
     if path.exists():
         report = json.loads(path.read_text())
     else:
         tail = (work / f"stage{stage}.log").read_text(errors="replace").strip().splitlines()[-3:]
-        report = {"stage": stage, "error": f"process {proc.pid} exited with code {proc.returncode} without a report; log: {' | '.join(tail)}"}
+        report = {
+            "stage": stage,
+            "error": f"process {proc.pid} exited with code {proc.returncode} without a report; log: {' | '.join(tail)}",
+        }
     report["returncode"] = proc.returncode
     return report
 

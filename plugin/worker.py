@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -46,32 +47,26 @@ def make_transport(kind: str, *, bundle: str | None, timeouts: LinkTimeouts):
 
 
 def connect_stage(
-    job: PipelineJob, stage: int, transport, *, listen: str | None, next_address: str | None
+    job: PipelineJob, stage: int, transport, *, listener: socket.socket | None, next_address: str | None
 ) -> tuple[Link | None, Link | None]:
-    """Accept the upstream link (if any), then dial the downstream one (if any)."""
+    """Dial the downstream stage (if any), then accept the upstream one on `listener` (if any)."""
     me = PeerIdentity(job.devices[stage], stage, job.household, job.round)
     upstream = downstream = None
-    listener = None
-    if stage > 0:
-        if not listen:
-            raise ConfigError(f"stage {stage} needs a listen address for its upstream neighbour")
-        listener = open_listener(listen)
+    if stage > 0 and listener is None:
+        raise ConfigError(f"stage {stage} needs a listen address for its upstream neighbour")
     try:
         if stage < job.num_stages - 1:
             if not next_address:
                 raise ConfigError(f"stage {stage} needs the address of stage {stage + 1}")
             peer = PeerIdentity(job.devices[stage + 1], stage + 1, job.household, job.round)
             downstream = transport.dial(next_address, local=me, expect=peer)
-        if listener is not None:
+        if stage > 0:
             peer = PeerIdentity(job.devices[stage - 1], stage - 1, job.household, job.round)
             upstream = transport.accept(listener, local=me, expect=peer)
     except BaseException:
         if downstream is not None:
             downstream.close(reason=f"stage {stage} could not connect upstream")
         raise
-    finally:
-        if listener is not None:
-            listener.close()
     return upstream, downstream
 
 
@@ -123,10 +118,16 @@ def run_stage(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m homesplit.worker", description="Run one pipeline stage.")
-    parser.add_argument("--job", required=True, help="path of the PipelineJob JSON file")
+    parser.add_argument(
+        "--job", required=True, help="path of a JSON file with a PipelineJob, or a list of them to run in turn"
+    )
     parser.add_argument("--stage", type=int, required=True, help="stage index of this process")
-    parser.add_argument("--weights", required=True, help="tensor file with this stage's initial weights")
-    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.tensors and PREFIX.json")
+    parser.add_argument(
+        "--weights", required=True, help="initial weights: PREFIX.tensors for one job, PREFIX-I.tensors for job I of a list"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output prefix: writes PREFIX.tensors and PREFIX.json (PREFIX-I.* for a list)"
+    )
     parser.add_argument("--listen", help="HOST:PORT or fd:N to accept the upstream stage on")
     parser.add_argument("--next", dest="next_address", help="HOST:PORT of the downstream stage")
     parser.add_argument("--transport", default="tcp", choices=["tcp", "tls"], help="link transport (default: tcp)")
@@ -138,22 +139,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one stage as a process and return its exit code."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=os.environ.get("HOMESPLIT_LOG_LEVEL", "INFO"), format=f"%(levelname)s stage{args.stage} %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    report: dict[str, Any] = {"stage": args.stage, "pid": os.getpid()}
+def _run_one(job: PipelineJob, args: argparse.Namespace, transport, listener, weights: str, out: str) -> int:
+    report: dict[str, Any] = {"stage": args.stage, "pid": os.getpid(), "round": job.round}
     start = time.perf_counter()
     upstream = downstream = None
     try:
-        job = PipelineJob.from_json(Path(args.job).read_text())
-        timeouts = LinkTimeouts(connect=args.connect_timeout, recv=args.recv_timeout, peer_silence=args.peer_silence)
-        transport = make_transport(args.transport, bundle=args.bundle, timeouts=timeouts)
-        upstream, downstream = connect_stage(job, args.stage, transport, listen=args.listen, next_address=args.next_address)
-        weights = load_tensors(args.weights)
-        state, results = run_stage(job, args.stage, weights, upstream, downstream)
-        save_tensors(f"{args.out}.tensors", state)
+        upstream, downstream = connect_stage(job, args.stage, transport, listener=listener, next_address=args.next_address)
+        state, results = run_stage(job, args.stage, load_tensors(weights), upstream, downstream)
+        save_tensors(f"{out}.tensors", state)
         report["steps"] = [vars(r) for r in results]
         report["bytes_sent"] = sum(link.bytes_sent for link in (upstream, downstream) if link is not None)
         report["bytes_received"] = sum(link.bytes_received for link in (upstream, downstream) if link is not None)
@@ -166,8 +159,49 @@ def main(argv: list[str] | None = None) -> int:
         report["error"] = f"{type(exc).__name__}: {exc}"
         code = 1
     report["seconds"] = time.perf_counter() - start
-    Path(f"{args.out}.json").write_text(json.dumps(report))
+    report["peak_rss_bytes"] = _peak_rss_bytes()
+    Path(f"{out}.json").write_text(json.dumps(report))
     return code
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    # ru_maxrss is in kibibytes on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage as a process for one job or a list of jobs; return the exit code."""
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("HOMESPLIT_LOG_LEVEL", "INFO"),
+        format=f"%(levelname)s stage{args.stage} %(name)s: %(message)s",
+    )
+    torch.set_num_threads(args.threads)
+    listener = None
+    try:
+        raw = json.loads(Path(args.job).read_text())
+        jobs = [PipelineJob.from_json(json.dumps(j)) for j in raw] if isinstance(raw, list) else [PipelineJob.from_json(json.dumps(raw))]
+        timeouts = LinkTimeouts(connect=args.connect_timeout, recv=args.recv_timeout, peer_silence=args.peer_silence)
+        transport = make_transport(args.transport, bundle=args.bundle, timeouts=timeouts)
+        listener = open_listener(args.listen) if args.listen else None
+    except Exception as exc:
+        logger.error("Stage %d could not start: %s", args.stage, exc)
+        Path(f"{args.out}.json").write_text(json.dumps({"stage": args.stage, "error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    try:
+        if not isinstance(raw, list):
+            return _run_one(jobs[0], args, transport, listener, f"{args.weights}.tensors", args.out)
+        for index, job in enumerate(jobs):
+            code = _run_one(job, args, transport, listener, f"{args.weights}-{index}.tensors", f"{args.out}-{index}")
+            if code:
+                # The neighbours stop too, so later jobs could not connect.
+                return code
+        return 0
+    finally:
+        if listener is not None:
+            listener.close()
 
 
 if __name__ == "__main__":
