@@ -25,9 +25,10 @@ segments; example inputs on the ``meta`` device cost no memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +205,23 @@ def _node_uses(node: torch.fx.Node) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Put `modules` and their submodules in eval mode, and restore each one's training flag on exit.
+
+    The split-time checks run example inputs through the model. In training
+    mode that would update BatchNorm running statistics and draw dropout masks.
+    """
+    flags = {id(m): (m, m.training) for module in modules for m in module.modules()}
+    try:
+        for module, _ in flags.values():
+            module.training = False
+        yield
+    finally:
+        for module, training in flags.values():
+            module.training = training
+
+
 def _record_values(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[torch.fx.Node, Any]:
     values: dict[torch.fx.Node, Any] = {}
 
@@ -213,7 +231,7 @@ def _record_values(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[torc
             values[n] = result
             return result
 
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode([gm]):
         _Recorder(gm).run(*example_inputs)
     return values
 
@@ -406,7 +424,7 @@ def split_model(
 def _check_boundaries(segments: list[nn.Module], cuts: list[str], example_inputs: tuple) -> list[Boundary]:
     boundaries = []
     args = example_inputs
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode(segments):
         for k, segment in enumerate(segments[:-1]):
             value = segment(*args)
             leaves, spec = pytree.tree_flatten(_as_args(value) if isinstance(segment, torch.fx.GraphModule) else (value,))

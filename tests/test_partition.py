@@ -176,3 +176,44 @@ def test_even_cuts_balance_parameters():
     split = split_model(model, cuts, example_inputs=(torch.randn(2, 32),))
     counts = [sum(p.numel() for p in s.parameters()) for s in split.segments]
     assert max(counts) < 0.5 * sum(counts)
+
+
+class _BatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+        self.second = nn.Sequential(nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+@pytest.mark.parametrize("kind", ["chain", "graph"])
+def test_split_keeps_batchnorm_statistics(kind):
+    torch.manual_seed(0)
+    if kind == "chain":
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3), nn.BatchNorm1d(3))
+        cut = "2"
+    else:
+        model = _BatchNormNet()
+        cut = "second"
+    model.train()
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+
+    split = split_model(model, [cut], example_inputs=(torch.randn(6, 4) * 5 + 3,))
+
+    assert split.method == kind
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, before[name], rtol=0, atol=0, msg=f"{name} changed")
+
+
+def test_split_restores_training_flags():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    model.train()
+    model[1].eval()
+    flags = {name: module.training for name, module in model.named_modules()}
+
+    split = split_model(model, ["2"], example_inputs=(torch.randn(6, 4),))
+
+    assert {name: module.training for name, module in model.named_modules()} == flags
+    assert split.segments[0].training
