@@ -78,7 +78,7 @@ class TinyTransformer(nn.Module):
     depth : int, default 2
         Number of encoder blocks.
     max_len : int, default 16
-        Longest sequence.
+        Maximum sequence length.
     classes : int, default 4
         Output classes.
     """

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Boundary:
-    """What crosses one cut.
+    """Tensors that cross one cut, and how to rebuild the next segment's arguments.
 
     Attributes
     ----------
@@ -515,7 +515,7 @@ def _balance(candidates: list[str], units: list[float], num_stages: int) -> list
     for groups in range(num_stages, 0, -1):
         i = choice[groups][i]
         starts.append(i)
-    # starts holds each group's first unit; unit k > 0 begins at candidates[k - 1].
+    # starts contains each group's first unit; unit k > 0 begins at candidates[k - 1].
     return [candidates[k - 1] for k in sorted(starts) if k > 0]
 
 

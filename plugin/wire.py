@@ -57,7 +57,7 @@ _DIM = struct.Struct("<Q")
 
 
 class FrameKind(enum.IntEnum):
-    """What a frame carries; the receiver checks it against what it expects."""
+    """Kind of payload a frame carries; the receiver checks it against the expected kind."""
 
     HELLO = 1
     """First frame on a connection: UTF-8 JSON naming the sender and channel."""
@@ -266,6 +266,10 @@ def decode_shape(header: FrameHeader, data: bytes | memoryview, *, peer: str = "
     if len(data) != _DIM.size * header.ndim:
         raise FrameError(f"frame shape from {peer} has {len(data)} bytes, expected {_DIM.size * header.ndim}")
     shape = tuple(_DIM.unpack_from(data, _DIM.size * i)[0] for i in range(header.ndim))
+    # An empty tensor passes the length check whatever its other dimensions
+    # are, but torch computes strides from them in int64 and raises on overflow.
+    if math.prod(max(size, 1) for size in shape) >= 2**63:
+        raise FrameError(f"frame from {peer} has shape {list(shape)}, which torch cannot represent (strides overflow int64)")
     # Python integers do not overflow, so a shape crafted to wrap around a
     # 64-bit product cannot sneak past this comparison.
     expected = math.prod(shape) * torch.empty(0, dtype=header.dtype).element_size()
