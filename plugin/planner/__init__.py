@@ -2,11 +2,13 @@
 
 This package imports neither torch nor Flower, so a server can plan without
 loading a model. Measuring needs torch: import `homesplit.planner.profile` for
-layer profiles and `homesplit.planner.benchmark` for the device self-benchmark.
+layer profiles, `homesplit.planner.benchmark` for the device self-benchmark and
+`homesplit.planner.linkprobe` for link bandwidth and latency.
 """
 
 from __future__ import annotations
 
+from homesplit.planner.discovery import devices_from_discovery, plan_from_discovery
 from homesplit.planner.devices import HouseholdDevices, load_devices, parse_devices
 from homesplit.planner.optimize import DEFAULT_MICROBATCH_CANDIDATES, brute_force, plan_household
 from homesplit.planner.plan import OBJECTIVES, Plan, StagePlan
@@ -32,7 +34,9 @@ __all__ = [
     "Plan",
     "StagePlan",
     "brute_force",
+    "devices_from_discovery",
     "load_devices",
     "parse_devices",
+    "plan_from_discovery",
     "plan_household",
 ]
