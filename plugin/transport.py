@@ -228,6 +228,7 @@ class TcpTransport:
             break
         _tune(raw)
         peer = f"{expect.device}@{address}"
+        sock = raw
         try:
             sock = self._client_socket(raw, expect)
             sock.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
@@ -237,6 +238,8 @@ class TcpTransport:
             sock.settimeout(None)
             return sock
         except (OSError, FrameError, LinkError) as exc:
+            # A TLS hook detaches `raw`, so the wrapped socket must be closed too.
+            sock.close()
             raw.close()
             if isinstance(exc, LinkError):
                 raise
@@ -298,6 +301,7 @@ class TcpTransport:
     ) -> tuple[socket.socket, dict] | None:
         _tune(raw)
         raw.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
+        sock = raw
         try:
             sock = self._server_socket(raw)
             sock.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
@@ -311,10 +315,11 @@ class TcpTransport:
             return sock, hello
         except (OSError, FrameError, LinkError) as exc:
             logger.warning("Rejected connection from %s: %s", peer_addr, _reason(exc))
-            try:
-                raw.close()
-            except OSError:
-                pass
+            for opened in (sock, raw):
+                try:
+                    opened.close()
+                except OSError:
+                    pass
             return None
 
 
