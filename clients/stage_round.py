@@ -1,0 +1,180 @@
+"""One stage of a household pipeline for one Flower message: connect, run, report."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from homesplit.errors import ConfigError
+from homesplit.household_plan import HouseholdPlan
+from homesplit.job import build_loss, build_optimizer
+from homesplit.link import Link, LinkTimeouts
+from homesplit.partition import split_model
+from homesplit.stage import StageRunner, StepResult
+from homesplit.transport import PeerIdentity, TcpTransport, open_listener, parse_address
+from homesplit.clients.node import DeviceConfig
+from homesplit.clients.rendezvous import publish_port, wait_for_port
+
+__all__ = ["StageOutcome", "run_stage_round"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageOutcome:
+    """What one stage did in one message.
+
+    Attributes
+    ----------
+    state : dict of str to Tensor
+        The segment's weights after the round (unchanged for evaluation).
+    steps : list of StepResult
+        One per mini-batch.
+    bytes_sent : int
+        Bytes this stage wrote to its links.
+    seconds : float
+        Wall time from connecting to the last step.
+    """
+
+    state: dict[str, torch.Tensor]
+    steps: list[StepResult] = field(default_factory=list)
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+
+def _transport(device: DeviceConfig, timeouts: LinkTimeouts):
+    if device.insecure_links:
+        logger.warning("%s/%s uses plaintext links (insecure-links=true)", device.household, device.device)
+        return TcpTransport(timeouts=timeouts)
+    from homesplit.tls import TlsTransport
+
+    return TlsTransport.from_bundle(device.bundle, timeouts=timeouts)
+
+
+def _connect(
+    device: DeviceConfig, plan: HouseholdPlan, stage: int, kind: str, server_round: int, timeouts: LinkTimeouts
+) -> tuple[Link | None, Link | None]:
+    """Open the listener, dial downstream, then accept upstream (downstream listens, upstream dials)."""
+    transport = _transport(device, timeouts)
+    me = PeerIdentity(device.device, stage, plan.household, server_round)
+    listener: socket.socket | None = None
+    upstream = downstream = None
+    try:
+        if stage > 0:
+            listener = open_listener(device.listen)
+            port = listener.getsockname()[1]
+            if parse_address(device.listen)[1] == 0:
+                publish_port(device.rendezvous_dir, plan.household, kind, server_round, stage, port)
+        if stage < plan.num_stages - 1:
+            nxt = plan.stages[stage + 1]
+            address = nxt.address
+            host, port = parse_address(address)
+            if port == 0:
+                port = wait_for_port(device.rendezvous_dir, plan.household, kind, server_round, stage + 1, timeout=timeouts.connect)
+                address = f"{host}:{port}"
+            downstream = transport.dial(address, local=me, expect=PeerIdentity(nxt.device, stage + 1, plan.household, server_round))
+        if stage > 0:
+            prev = plan.stages[stage - 1]
+            upstream = transport.accept(listener, local=me, expect=PeerIdentity(prev.device, stage - 1, plan.household, server_round))
+    except BaseException:
+        if downstream is not None:
+            downstream.close(reason=f"stage {stage} could not connect upstream")
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+    return upstream, downstream
+
+
+def run_stage_round(
+    device: DeviceConfig,
+    plan: HouseholdPlan,
+    stage: int,
+    *,
+    kind: str,
+    server_round: int,
+    model_fn: Callable[[], nn.Module],
+    example_inputs: Callable[[], tuple],
+    weights: dict[str, torch.Tensor],
+    batches: Iterable[tuple[Any, Any]] | None,
+    loss: str,
+    optimizer: dict[str, Any] | None,
+    timeouts: LinkTimeouts,
+) -> StageOutcome:
+    """Build this stage's segment, connect to its neighbours and run the batches.
+
+    Parameters
+    ----------
+    kind : {"train", "evaluate"}
+        Training steps or forward-only evaluation steps.
+    batches : iterable of (inputs, targets) or None
+        Mini-batches; stage 0 only. Other stages learn each step from stage 0.
+    loss : str
+        Loss name or ``module:function`` (see `homesplit.job.build_loss`).
+    optimizer : dict or None
+        Optimizer spec for training, e.g. ``{"name": "SGD", "lr": 0.05}``.
+
+    Raises
+    ------
+    ConfigError
+        If the plan does not name this device at `stage`, or weights are missing.
+    LinkError
+        If a neighbour cannot be reached or fails mid-round.
+    """
+    if not 0 <= stage < plan.num_stages or plan.stages[stage].device != device.device:
+        raise ConfigError(
+            f"the plan puts {plan.stages[stage].device if 0 <= stage < plan.num_stages else '?'} at stage {stage}, "
+            f"but this SuperNode is {device.household}/{device.device}; check the node config 'device' keys"
+        )
+    if (stage == 0) != (batches is not None):
+        raise ConfigError(f"stage {stage}: only stage 0, the data owner, streams mini-batches")
+
+    # Only this stage's segment gets real storage; the rest stays on "meta".
+    with torch.device("meta"):
+        split = split_model(model_fn(), plan.cuts, example_inputs=example_inputs())
+    segment = split.segments[stage]
+    segment.to_empty(device="cpu")
+    names = list(segment.state_dict())
+    missing = sorted(set(names) - set(weights))
+    if missing:
+        raise ConfigError(f"the train message for stage {stage} lacks arrays {missing[:5]}")
+    segment.load_state_dict({name: weights[name] for name in names}, strict=True)
+
+    training = kind == "train"
+    started = time.perf_counter()
+    upstream, downstream = _connect(device, plan, stage, kind, server_round, timeouts)
+    runner = StageRunner(
+        segment,
+        stage=stage,
+        num_stages=plan.num_stages,
+        args_spec=split.boundaries[stage - 1].args_spec if stage > 0 else None,
+        upstream=upstream,
+        downstream=downstream,
+        optimizer=build_optimizer(optimizer, segment.parameters()) if training and optimizer else None,
+        schedule=plan.schedule,
+        loss_fn=build_loss(loss) if stage == plan.num_stages - 1 else None,
+        round=server_round,
+    )
+    try:
+        steps = _drive(runner, batches, plan.num_microbatches, training) if stage == 0 else runner.serve()
+    except BaseException as exc:
+        runner.close(error=exc)
+        raise
+    runner.close()
+    bytes_sent = sum(link.bytes_sent for link in (upstream, downstream) if link is not None)
+    state = {name: value.detach().clone() for name, value in segment.state_dict().items()}
+    return StageOutcome(state=state, steps=steps, bytes_sent=bytes_sent, seconds=time.perf_counter() - started)
+
+
+def _drive(runner: StageRunner, batches: Iterable[tuple[Any, Any]], num_microbatches: int, training: bool) -> list[StepResult]:
+    step = runner.train_step if training else runner.eval_step
+    results = [step(inputs, targets, num_microbatches=num_microbatches) for inputs, targets in batches]
+    runner.finish()
+    return results

@@ -1,0 +1,1 @@
+"""household-digits: three households learn handwritten digits with split CNNs."""

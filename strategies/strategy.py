@@ -1,0 +1,284 @@
+"""`HomesplitStrategy`: households train as pipelines, the server averages their segments."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from homesplit.errors import ConfigError
+from homesplit.household_plan import DeviceInfo, HouseholdPlan, plan_household
+from homesplit.schedule import SCHEDULES
+from homesplit.strategies.aggregation import HouseholdOutcome, average_by_name, collect_outcomes
+from homesplit.strategies.discovery import discover_devices, group_households, wait_for_nodes
+from homesplit.strategies.planning import PlanFn, plan_households, segment_names, stage_messages
+
+__all__ = ["HomesplitStrategy"]
+
+logger = logging.getLogger(__name__)
+
+
+class HomesplitStrategy(Strategy):
+    """Train each household's model as a pipeline and average the segments by parameter name.
+
+    Each round, every sampled household gets one message per pipeline stage,
+    carrying only that stage's segment and the household plan. A household's
+    update counts only if all its stages reply without error; the updates
+    that count are averaged per parameter name, weighted by the household's
+    examples. Start it like FedAvg: ``strategy.start(grid=grid,
+    initial_arrays=ArrayRecord(model.state_dict()), num_rounds=...)``.
+
+    Parameters
+    ----------
+    model_fn : callable
+        Builds the full model with no arguments. The strategy calls it on
+        torch's ``meta`` device only, to plan cuts.
+    example_inputs : callable
+        Returns the model's positional inputs for a batch of one, as a tuple.
+    fraction_train : float, default 1.0
+        Fraction of the plannable households sampled for training; 0.0 skips
+        federated training (logged as a WARNING).
+    fraction_evaluate : float, default 1.0
+        Fraction of households sampled for federated evaluation; 0.0 skips it
+        (logged as a WARNING), which suits centralized evaluation with
+        `evaluate_fn`.
+    min_train_households : int, default 1
+        Households sampled for training at least, if that many can be planned;
+        wins over `fraction_train`.
+    min_evaluate_households : int, default 1
+        The same for evaluation; wins over `fraction_evaluate`.
+    min_available_nodes : int, default 2
+        Nodes (devices) to wait for before the first discovery, for at most
+        `nodes_timeout` seconds.
+    min_household_devices : int, default 2
+        Households with fewer devices are skipped with a WARNING.
+    max_stages : int or None, default None
+        Pipeline stages per household at most; None means one per device.
+    num_microbatches : int, default 4
+        Micro-batches per mini-batch in every household.
+    schedule : {"gpipe", "1f1b"}, default "1f1b"
+        Pipeline schedule in every household.
+    weighted_by_key : str, default "num-examples"
+        Metric key whose value weights each household's update and metrics.
+    discovery_timeout : float, default 120.0
+        Seconds to wait for the discovery replies.
+    nodes_timeout : float, default 300.0
+        Seconds to wait for `min_available_nodes` nodes to connect.
+    plan_fn : callable, default `homesplit.household_plan.plan_household`
+        Planner with `plan_household`'s signature.
+    seed : int, default 0
+        Seed of household sampling.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_fn: Callable[[], nn.Module],
+        example_inputs: Callable[[], tuple],
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_households: int = 1,
+        min_evaluate_households: int = 1,
+        min_available_nodes: int = 2,
+        min_household_devices: int = 2,
+        max_stages: int | None = None,
+        num_microbatches: int = 4,
+        schedule: str = "1f1b",
+        weighted_by_key: str = "num-examples",
+        discovery_timeout: float = 120.0,
+        nodes_timeout: float = 300.0,
+        plan_fn: PlanFn = plan_household,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name}={value} must be between 0.0 and 1.0")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        if num_microbatches < 1:
+            raise ConfigError(f"num_microbatches={num_microbatches} must be at least 1")
+        self.model_fn = model_fn
+        self.example_inputs = example_inputs
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_households = min_train_households
+        self.min_evaluate_households = min_evaluate_households
+        self.min_available_nodes = min_available_nodes
+        self.min_household_devices = min_household_devices
+        self.max_stages = max_stages
+        self.num_microbatches = num_microbatches
+        self.schedule = schedule
+        self.weighted_by_key = weighted_by_key
+        self.discovery_timeout = discovery_timeout
+        self.nodes_timeout = nodes_timeout
+        self.plan_fn = plan_fn
+        self._rng = random.Random(seed)
+
+        self.devices: list[DeviceInfo] = []
+        self.round_records: dict[int, dict] = {}
+        self._discovered_nodes: frozenset[int] | None = None
+        self._arrays: ArrayRecord | None = None
+        self._plans: dict[str, HouseholdPlan] = {}
+        self._outgoing: list[tuple[str, str, Message]] = []
+        self._round_started = 0.0
+
+        if fraction_train == 0.0:
+            logger.warning("fraction_train is 0.0: federated training is skipped")
+        if fraction_evaluate == 0.0:
+            logger.warning("fraction_evaluate is 0.0: federated evaluation is skipped")
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        logger.info("HomesplitStrategy: households train as %s pipelines, %d micro-batches", self.schedule, self.num_microbatches)
+        logger.info(
+            "  sampling: fraction train %.2f / evaluate %.2f; at least %d / %d households; %d nodes available",
+            self.fraction_train, self.fraction_evaluate, self.min_train_households, self.min_evaluate_households,
+            self.min_available_nodes,
+        )  # fmt: skip
+        logger.info(
+            "  households: at least %d devices, at most %s stages; weighted by %r",
+            self.min_household_devices, self.max_stages or "one per device", self.weighted_by_key,
+        )  # fmt: skip
+
+    # -- training -------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Discover devices if the node set changed, plan every household and send each stage its segment."""
+        self._round_started = time.monotonic()
+        self._arrays = arrays
+        if self.fraction_train == 0.0:
+            return []
+        self._refresh_devices(grid)
+        plans = self._sample(self._plan_all(), self.fraction_train, self.min_train_households, "training")
+        return self._messages(plans, arrays, config, "train", server_round)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the segments of every household whose stages all succeeded."""
+        outcomes = collect_outcomes(
+            self._plans, self._sent(), replies, weighted_by_key=self.weighted_by_key, server_round=server_round
+        )
+        trained = [o for o in outcomes.values() if o.succeeded]
+        failed = sorted(h for h, o in outcomes.items() if not o.succeeded)
+        seconds = time.monotonic() - self._round_started
+        logger.info(
+            "Round %d: %d households trained %s, %d dropped %s, in %.1f s",
+            server_round, len(trained), sorted(o.household for o in trained), len(failed), failed, seconds,
+        )  # fmt: skip
+        metrics = MetricRecord(
+            {
+                "households-trained": len(trained),
+                "households-failed": len(failed),
+                "link-bytes": _sum_metric(outcomes.values(), "bytes-sent"),
+                "seconds": seconds,
+                self.weighted_by_key: sum(o.num_examples for o in trained),
+            }
+        )
+        loss = _weighted_last_stage(trained, "train-loss")
+        if loss is not None:
+            metrics["train-loss"] = loss
+        self.round_records[server_round] = {
+            "households_trained": sorted(o.household for o in trained),
+            "households_failed": {h: outcomes[h].failures for h in failed},
+        }
+        if not trained or self._arrays is None:
+            return None, metrics
+        return average_by_name(self._arrays, trained), metrics
+
+    # -- evaluation -----------------------------------------------------------
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Send each sampled household's stages their segments for a forward-only pass over local test data."""
+        if self.fraction_evaluate == 0.0:
+            self._plans, self._outgoing = {}, []
+            return []
+        self._refresh_devices(grid)
+        plans = self._sample(self._plan_all(), self.fraction_evaluate, self.min_evaluate_households, "evaluation")
+        return self._messages(plans, arrays, config, "evaluate", server_round)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Average the last stages' loss and accuracy over households, weighted by examples."""
+        if not self._plans:
+            return None
+        outcomes = collect_outcomes(
+            self._plans, self._sent(), replies, weighted_by_key=self.weighted_by_key,
+            server_round=server_round, expect_arrays=False,
+        )  # fmt: skip
+        evaluated = [o for o in outcomes.values() if o.succeeded]
+        if not evaluated:
+            return None
+        metrics = MetricRecord({"households-evaluated": len(evaluated)})
+        for key in ("eval-loss", "eval-accuracy"):
+            value = _weighted_last_stage(evaluated, key)
+            if value is not None:
+                metrics[key] = value
+        return metrics
+
+    # -- helpers --------------------------------------------------------------
+
+    def _refresh_devices(self, grid: Grid) -> None:
+        """Run discovery on the first round and whenever the set of connected nodes changed."""
+        wanted = self.min_available_nodes if self._discovered_nodes is None else 1
+        node_ids = frozenset(wait_for_nodes(grid, wanted, self.nodes_timeout))
+        if node_ids == self._discovered_nodes:
+            return
+        logger.info("Discovering %d nodes", len(node_ids))
+        self.devices = discover_devices(grid, sorted(node_ids), timeout=self.discovery_timeout)
+        self._discovered_nodes = node_ids
+
+    def _plan_all(self) -> dict[str, HouseholdPlan]:
+        return plan_households(
+            group_households(self.devices),
+            model_fn=self.model_fn,
+            example_inputs=self.example_inputs,
+            min_devices=self.min_household_devices,
+            max_stages=self.max_stages,
+            num_microbatches=self.num_microbatches,
+            schedule=self.schedule,
+            plan_fn=self.plan_fn,
+        )
+
+    def _sample(self, plans: dict[str, HouseholdPlan], fraction: float, minimum: int, what: str) -> dict[str, HouseholdPlan]:
+        count = min(len(plans), max(int(math.floor(len(plans) * fraction)), minimum))
+        if count < minimum:
+            logger.warning("Only %d households can be planned for %s, fewer than the minimum %d", len(plans), what, minimum)
+        chosen = sorted(self._rng.sample(sorted(plans), count))
+        return {household: plans[household] for household in chosen}
+
+    def _messages(
+        self, plans: dict[str, HouseholdPlan], arrays: ArrayRecord, config: ConfigRecord, kind: str, server_round: int
+    ) -> list[Message]:
+        self._plans = plans
+        self._outgoing = []
+        for plan in plans.values():
+            names = segment_names(plan, self.model_fn, self.example_inputs)
+            batch = stage_messages(
+                plan, names, arrays, config, message_type=kind, server_round=server_round, group_id=f"{kind}-{server_round}"
+            )
+            self._outgoing.extend((plan.household, a.device, m) for a, m in zip(plan.stages, batch))
+        return [m for _, _, m in self._outgoing]
+
+    def _sent(self) -> dict[str, tuple[str, str]]:
+        """Map message id to (household, device); Flower assigns the ids when it pushes the messages."""
+        return {m.metadata.message_id: (household, device) for household, device, m in self._outgoing}
+
+
+def _sum_metric(outcomes: Iterable[HouseholdOutcome], key: str) -> float:
+    return float(sum(m.get(key, 0) for o in outcomes for m in o.metrics))
+
+
+def _weighted_last_stage(outcomes: list[HouseholdOutcome], key: str) -> float | None:
+    """Average a metric reported by last stages only, weighted by each household's examples."""
+    total = weight = 0.0
+    for outcome in outcomes:
+        values = [m[key] for m in outcome.metrics if key in m]
+        if values and outcome.num_examples > 0:
+            total += float(values[0]) * outcome.num_examples
+            weight += outcome.num_examples
+    return total / weight if weight else None
