@@ -80,6 +80,9 @@ class PipelineJob:
         Stop after this many mini-batches even if the data goes on.
     devices : list of str, optional
         Device name per stage; defaults to ``stage0``, ``stage1``, ...
+    privacy : dict, optional
+        Differential privacy settings, the keys of
+        `homesplit.privacy.PrivacyConfig`; None (the default) trains without DP.
     """
 
     model: str
@@ -97,6 +100,7 @@ class PipelineJob:
     devices: list[str] = field(default_factory=list)
     household: str = "local"
     round: int = 0
+    privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -109,6 +113,10 @@ class PipelineJob:
             self.devices = [f"stage{k}" for k in range(self.num_stages)]
         if len(self.devices) != self.num_stages or len(set(self.devices)) != len(self.devices):
             raise ConfigError(f"devices={self.devices} must name {self.num_stages} distinct devices, one per stage")
+        if self.privacy is not None:
+            from homesplit.privacy.config import PrivacyConfig
+
+            PrivacyConfig.from_dict(self.privacy).clip_bounds(self.num_stages)
 
     @property
     def num_stages(self) -> int:

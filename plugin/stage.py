@@ -45,7 +45,12 @@ class StageHook(Protocol):
     """Extension point called around each optimizer step, e.g. for differential privacy."""
 
     def before_step(self, runner: StageRunner, *, batch_size: int, step: int) -> None:
-        """Run after the mini-batch's last backward and before the optimizer step."""
+        """Run after the mini-batch's last backward and before the optimizer step.
+
+        A hook whose ``steps_on_empty_batch`` attribute is true is also called,
+        and the optimizer also steps, for an empty training mini-batch
+        (``batch_size=0``); otherwise empty mini-batches take no step.
+        """
 
 
 @dataclass
@@ -247,6 +252,9 @@ class StageRunner:
         result = StepResult(step=step, batch_size=batch_size, microbatches=count)
         if batch_size == 0:
             logger.debug("Stage %d skips empty mini-batch %d", self.stage, step)
+            if mode == MODE_TRAIN and any(getattr(hook, "steps_on_empty_batch", False) for hook in self.hooks):
+                # DP-SGD under Poisson sampling counts an empty mini-batch as a step of noise alone.
+                self._optimizer_step(batch_size, step)
             return result
         training = mode == MODE_TRAIN
         if training and self.optimizer is None:
@@ -274,16 +282,21 @@ class StageRunner:
             else:
                 self._backward(step, m, in_flight.pop(m))
         if training:
-            for hook in self.hooks:
-                hook.before_step(self, batch_size=batch_size, step=step)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.steps_taken += 1
+            self._optimizer_step(batch_size, step)
         if self.is_last:
             result.loss_sum = loss_sum
             result.correct = correct
         result.seconds = time.perf_counter() - start
         return result
+
+    def _optimizer_step(self, batch_size: int, step: int) -> None:
+        if self.optimizer is None:
+            raise ConfigError(f"stage {self.stage} was asked to train but has no optimizer")
+        for hook in self.hooks:
+            hook.before_step(self, batch_size=batch_size, step=step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
 
     def _forward(self, step: int, m: int, batch_size: int, input_chunks, target_chunks):
         state = _InFlight()

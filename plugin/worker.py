@@ -81,6 +81,11 @@ def run_stage(
     split = build_split(job, device="meta")
     segment = split.segments[stage]
     segment.to_empty(device="cpu")
+    hooks: list = []
+    if job.privacy is not None:
+        from homesplit.privacy.attach import prepare_stage
+
+        segment, hooks = prepare_stage(job.privacy, segment, stage=stage, num_stages=job.num_stages, round=job.round)
     missing = set(segment.state_dict()) - set(weights)
     if missing:
         raise ConfigError(f"initial weights for stage {stage} lack {sorted(missing)[:5]}")
@@ -97,6 +102,7 @@ def run_stage(
         schedule=job.schedule,
         loss_fn=build_loss(job.loss) if stage == job.num_stages - 1 else None,
         round=job.round,
+        hooks=hooks,
     )
     try:
         if stage == 0:
@@ -109,11 +115,16 @@ def run_stage(
             runner.finish()
         else:
             results = runner.serve()
+        final = {k: v.detach().clone() for k, v in segment.state_dict().items()}
+        for hook in hooks:
+            if hasattr(hook, "finish_round"):
+                # Household-level DP clips the round update over all stages, so the links must still be open.
+                final = hook.finish_round(runner, weights, final)
     except BaseException as exc:
         runner.close(error=exc)
         raise
     runner.close()
-    return {k: v.detach().clone() for k, v in segment.state_dict().items()}, results
+    return final, results
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
