@@ -1,0 +1,341 @@
+"""Planner prediction benchmark: predicted against measured step time, planned against even split.
+
+For each model and each stage count (2 and 3), one device of the household is
+slow: its stage process runs in a cgroup v1 ``cpu`` group whose
+``cpu.cfs_quota_us`` is 25% of ``cpu.cfs_period_us``, so the planner is told
+its speed is 0.25. The other devices have speed 1.0, the speed of this machine
+with one torch thread. The benchmark then
+
+1. profiles the model in this process with one torch thread, as the stage
+   processes run, and measures a loopback TCP link with
+   `homesplit.planner.linkprobe`;
+2. plans the household with `plan_household` (stage 0 pinned to a fast device,
+   which holds the data);
+3. runs the planned pipeline and an even split, one process per stage with
+   `run_local_pipeline`. The even split gives every stage the same reference
+   compute, on the same devices with the slow one second, and the same
+   micro-batch count;
+4. reports the median step time of stage 0 after the warm-up steps, the
+   predicted step time, and the speed-up of the planned split over the even one.
+
+Where no cgroup v1 ``cpu`` controller is writable, the slow stage is instead
+stopped and continued with SIGSTOP and SIGCONT for 75% of every 100 ms, and
+the output says so under ``slowdown``.
+
+Run (as root, for the cgroup)::
+
+    python benchmarks/planner.py [--quick] [--models cnn transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from homesplit.job import PipelineJob
+from homesplit.local import run_local_pipeline
+from homesplit.planner import DeviceProfile, LinkTable, plan_household
+from homesplit.planner.costs import CostModel
+from homesplit.planner.linkprobe import measure_link_pair
+from homesplit.planner.profile import profile_model
+from homesplit.transport import PeerIdentity, TcpTransport, open_listener
+
+SLOW_SPEED = 0.25
+CFS_PERIOD_US = 100_000
+# Weight of the benchmark's cgroups against the default 1024 of everything else.
+CPU_SHARES = 65536
+CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
+RUN_DEADLINE_SECONDS = 300.0
+WARMUP_STEPS = 2
+
+MODELS = {
+    "cnn": {
+        "description": "household-digits CNN (homesplit.models:groupnorm_cnn) on 1x8x8 images",
+        "model": "homesplit.models:groupnorm_cnn",
+        "model_kwargs": {},
+        "data": "homesplit.datasets:random_images",
+        "data_kwargs": {},
+        "sample_shape": [1, 8, 8],
+        "dtype": "float32",
+        "batch_size": 512,
+    },
+    "transformer": {
+        "description": "tiny_transformer with dim 64, 4 blocks, 32 tokens",
+        "model": "homesplit.models:tiny_transformer",
+        "model_kwargs": {"dim": 64, "heads": 4, "depth": 4, "max_len": 32, "vocab": 64},
+        "data": "homesplit.datasets:random_tokens",
+        "data_kwargs": {"length": 32, "vocab": 64},
+        "sample_shape": [32],
+        "dtype": "int64",
+        "batch_size": 64,
+    },
+}
+
+
+def _find_cgroup_cpu_root() -> Path | None:
+    """Return the cgroup v1 ``cpu`` mount if this process may create groups in it."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            root = Path(fields[1])
+            if (root / "cpu.cfs_quota_us").exists() and os.access(root, os.W_OK):
+                return root
+    return None
+
+
+@contextlib.contextmanager
+def slowed(fraction: float) -> Iterator[tuple[dict, callable]]:
+    """Yield (description, slow(pid)): slow(pid) limits process `pid` to `fraction` of one CPU.
+
+    With cgroups, this process and the stage processes it starts run in a
+    group with a high ``cpu.shares``, so that other work on the machine
+    disturbs the measurement less, and the slow stage moves into a second
+    group that also has the quota. Both groups are removed on exit. Without
+    cgroups, a thread stops and continues the slow process instead.
+    """
+    root = _find_cgroup_cpu_root()
+    if root is not None:
+        fast = root / f"homesplit-bench-{os.getpid()}-fast"
+        slow = root / f"homesplit-bench-{os.getpid()}-slow"
+        fast.mkdir()
+        slow.mkdir()
+        try:
+            for group in (fast, slow):
+                (group / "cpu.shares").write_text(str(CPU_SHARES))
+            (slow / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+            (slow / "cpu.cfs_quota_us").write_text(str(int(CFS_PERIOD_US * fraction)))
+            (fast / "cgroup.procs").write_text(str(os.getpid()))
+            info = {
+                "method": "cgroup v1 cpu",
+                "quota_us": int(CFS_PERIOD_US * fraction),
+                "period_us": CFS_PERIOD_US,
+                "cpu_shares": CPU_SHARES,
+            }
+            yield info, lambda pid: (slow / "cgroup.procs").write_text(str(pid))
+        finally:
+            (root / "cgroup.procs").write_text(str(os.getpid()))
+            # The stage processes have exited, so the groups are empty and can go.
+            for group in (slow, fast):
+                for _ in range(50):
+                    try:
+                        group.rmdir()
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+        return
+
+    stop = threading.Event()
+    targets: list[int] = []
+
+    def duty_cycle() -> None:
+        while not stop.is_set():
+            for pid in list(targets):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            stop.wait(CFS_PERIOD_US * (1 - fraction) / 1e6)
+            for pid in list(targets):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            stop.wait(CFS_PERIOD_US * fraction / 1e6)
+
+    thread = threading.Thread(target=duty_cycle, daemon=True)
+    thread.start()
+    info = {"method": "fallback: SIGSTOP/SIGCONT duty cycle, no writable cgroup v1 cpu controller", "fraction": fraction}
+    try:
+        yield info, targets.append
+    finally:
+        stop.set()
+        thread.join(5)
+        for pid in targets:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def measure_loopback_link() -> LinkTable:
+    """Measure a TCP link on 127.0.0.1 and use it for every device pair."""
+    transport = TcpTransport()
+    listener = open_listener("127.0.0.1:0")
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    up, down = PeerIdentity("a", 0, "bench"), PeerIdentity("b", 1, "bench")
+    accepted: dict = {}
+    thread = threading.Thread(target=lambda: accepted.setdefault("link", transport.accept(listener, local=down, expect=up)))
+    thread.start()
+    dialed = transport.dial(address, local=up, expect=down)
+    thread.join(30)
+    listener.close()
+    try:
+        link = measure_link_pair(dialed, accepted["link"], large_bytes=256 << 10)
+    finally:
+        dialed.close()
+        accepted["link"].close()
+    return LinkTable(default=link)
+
+
+def even_bounds(seconds: list[float], num_stages: int) -> list[int]:
+    """Return unit bounds that minimise the largest per-stage reference compute."""
+    n = len(seconds)
+    best: tuple[float, list[int]] | None = None
+    for cuts in itertools.combinations(range(1, n), num_stages - 1):
+        bounds = [0, *cuts, n]
+        largest = max(sum(seconds[bounds[s] : bounds[s + 1]]) for s in range(num_stages))
+        if best is None or largest < best[0]:
+            best = (largest, bounds)
+    return best[1]
+
+
+def run_pipeline(spec: dict, *, cuts: list[str], devices: list[str], num_microbatches: int, steps: int, slow: callable, workdir: Path) -> dict:
+    """Run one pipeline with the slow device's stage slowed; return stage 0's step times."""
+    job = PipelineJob(
+        model=spec["model"],
+        model_kwargs=spec["model_kwargs"],
+        example_shape=[1, *spec["sample_shape"]],
+        example_dtype=spec["dtype"],
+        cuts=cuts,
+        data=spec["data"],
+        data_kwargs={**spec["data_kwargs"], "steps": steps, "batch_size": spec["batch_size"]},
+        num_microbatches=num_microbatches,
+        schedule="1f1b",
+        optimizer={"name": "Adam", "lr": 1e-3},
+        devices=devices,
+    )
+    torch.manual_seed(0)
+    state = job.build_model(device="cpu").state_dict()
+
+    def started(processes) -> None:
+        if "slow" in devices:
+            slow(processes[devices.index("slow")].pid)
+
+    run = run_local_pipeline(job, state, workdir=workdir, threads=1, started=started, deadline=RUN_DEADLINE_SECONDS)
+    seconds = [step["seconds"] for step in run.reports[0]["steps"]][WARMUP_STEPS:]
+    return {
+        "cuts": cuts,
+        "devices": devices,
+        "num_microbatches": num_microbatches,
+        "step_seconds_median": statistics.median(seconds),
+        "step_seconds": [round(value, 5) for value in seconds],
+        "peak_rss_bytes": [report["peak_rss_bytes"] for report in run.reports],
+    }
+
+
+def bench_model(name: str, *, num_stages: int, steps: int, links: LinkTable, slow: callable, workdir: Path) -> dict:
+    spec = MODELS[name]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = PipelineJob(
+        model=spec["model"], model_kwargs=spec["model_kwargs"], example_shape=[1], cuts=[], data=spec["data"]
+    ).build_model(device="cpu").train()
+    if spec["dtype"] == "int64":
+        example = torch.randint(1, spec["data_kwargs"]["vocab"], (spec["batch_size"], *spec["sample_shape"]))
+    else:
+        example = torch.randn(spec["batch_size"], *spec["sample_shape"])
+    profile = profile_model(model, (example,), repeats=9)
+
+    # Calibration: one stage process runs the whole model with 8 micro-batches.
+    # Its measured step over the profile's prediction scales every unit, so the
+    # runtime's per-micro-batch work and the machine's load count as compute.
+    single = run_pipeline(
+        spec, cuts=[], devices=["fast0"], num_microbatches=8, steps=steps, slow=slow, workdir=workdir / f"{name}-{num_stages}-calibration"
+    )
+    raw_seconds = sum(layer.seconds_per_sample for layer in profile.layers) * spec["batch_size"]
+    factor = single["step_seconds_median"] / raw_seconds
+    layers = [dataclasses.replace(layer, seconds_per_sample=layer.seconds_per_sample * factor) for layer in profile.layers]
+
+    fast = [f"fast{k}" for k in range(num_stages - 1)]
+    devices = [DeviceProfile(name=f, speed=1.0, memory_bytes=1 << 34) for f in fast]
+    devices.append(DeviceProfile(name="slow", speed=SLOW_SPEED, memory_bytes=1 << 34))
+    plan = plan_household(
+        layers, devices, links, batch_size=spec["batch_size"], microbatch_candidates=(4, 8), data_owner="fast0"
+    )
+
+    order = [devices[0], devices[-1], *devices[1:-1]]
+    bounds = even_bounds([layer.seconds_per_sample for layer in layers], num_stages)
+    even_cuts = [layers[b - 1].cut for b in bounds[1:-1]]
+    model_costs = CostModel(layers, devices, links, batch_size=spec["batch_size"], schedule="1f1b", optimizer="adam")
+    even_predicted = model_costs.step_cost(bounds, order, num_microbatches=plan.num_microbatches).step_seconds
+
+    planned = run_pipeline(
+        spec, cuts=plan.cuts, devices=plan.devices, num_microbatches=plan.num_microbatches, steps=steps, slow=slow,
+        workdir=workdir / f"{name}-{num_stages}-planned",
+    )  # fmt: skip
+    even = run_pipeline(
+        spec, cuts=even_cuts, devices=[d.name for d in order], num_microbatches=plan.num_microbatches, steps=steps,
+        slow=slow, workdir=workdir / f"{name}-{num_stages}-even",
+    )  # fmt: skip
+    raw_plan = plan_household(
+        profile.layers, devices, links, batch_size=spec["batch_size"], microbatch_candidates=(plan.num_microbatches,), data_owner="fast0"
+    )
+    planned["uncalibrated_plan_step_seconds"] = raw_plan.step_seconds
+    planned["uncalibrated_plan_cuts"] = raw_plan.cuts
+    planned["predicted_step_seconds"] = plan.step_seconds
+    planned["prediction_error"] = plan.step_seconds / planned["step_seconds_median"] - 1
+    even["predicted_step_seconds"] = even_predicted
+    even["prediction_error"] = even_predicted / even["step_seconds_median"] - 1
+    return {
+        "model": name,
+        "description": spec["description"],
+        "devices": {d.name: d.speed for d in devices},
+        "batch_size": spec["batch_size"],
+        "profile_step_seconds": raw_seconds,
+        "calibration_step_seconds": single["step_seconds_median"],
+        "calibration_factor": factor,
+        "planned": planned,
+        "even": even,
+        "speedup_planned_over_even": even["step_seconds_median"] / planned["step_seconds_median"],
+    }
+
+
+def machine() -> dict:
+    model_name = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model_name,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--stages", nargs="+", type=int, default=[2, 3])
+    parser.add_argument("--steps", type=int, default=14, help="mini-batches per run, the first 2 of them warm-up (default: 14)")
+    parser.add_argument("--quick", action="store_true", help="8 steps per run")
+    args = parser.parse_args()
+    steps = 8 if args.quick else args.steps
+
+    results = {"machine": machine(), "threads_per_stage": 1, "warmup_steps": WARMUP_STEPS, "runs": []}
+    links = measure_loopback_link()
+    results["link"] = links.default.to_dict()
+    with tempfile.TemporaryDirectory(prefix="homesplit-bench-planner-") as work, slowed(SLOW_SPEED) as (info, slow):
+        results["slowdown"] = info
+        for name in args.models:
+            for num_stages in args.stages:
+                results["runs"].append(
+                    bench_model(name, num_stages=num_stages, steps=steps, links=links, slow=slow, workdir=Path(work))
+                )
+    results["machine"]["load_average_after"] = os.getloadavg()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
