@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from homesplit.strategies import HomesplitStrategy
+from homesplit.tensorfile import save_tensors
 
 from household_digits.task import build_model, evaluate, example_inputs, held_out_test
 
@@ -72,6 +73,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=centralized,
     )
     _write_results(str(config["result-path"]), result, strategy, rounds)
+    if str(config["model-path"]):
+        # homesplit's tensor file format, not pickle (torch.save), so reading it runs no code.
+        save_tensors(str(config["model-path"]), result.arrays.to_torch_state_dict())
 
 
 def _show_homesplit_logs() -> None:

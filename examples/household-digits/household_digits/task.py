@@ -13,10 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from homesplit.clients import DeviceConfig, DeviceData
@@ -53,6 +49,11 @@ def example_inputs() -> tuple[torch.Tensor]:
 
 
 def _split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # Imported here: every message runs in a new process, and only the data
+    # owner and the server need scikit-learn and the datasets libraries.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     images, labels = load_digits(return_X_y=True)
     images = (images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     return train_test_split(images, labels, test_size=HELD_OUT_FRACTION, random_state=seed, stratify=labels)
@@ -64,7 +65,9 @@ def held_out_test(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(test_x), torch.from_numpy(test_y).long()
 
 
-def _partitioner(run_config: Mapping[str, Any], num_partitions: int) -> Partitioner:
+def _partitioner(run_config: Mapping[str, Any], num_partitions: int):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     kind = str(run_config.get("partitioner", "iid"))
     seed = int(run_config.get("seed", 0))
     if kind == "iid":
@@ -84,6 +87,8 @@ def _partitioner(run_config: Mapping[str, Any], num_partitions: int) -> Partitio
 def household_partition(partition_id: int, num_partitions: int, run_config: Mapping[str, Any]) -> DeviceData:
     """Return one household's training examples and local test examples."""
     seed = int(run_config.get("seed", 0))
+    from datasets import Dataset
+
     train_x, _, train_y, _ = _split(seed)
     partitioner = _partitioner(run_config, num_partitions)
     partitioner.dataset = Dataset.from_dict({"image": train_x.reshape(len(train_x), -1), "label": train_y})
