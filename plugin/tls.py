@@ -36,7 +36,7 @@ from homesplit.link import LinkTimeouts, SocketLink
 from homesplit.transport import PeerIdentity, TcpTransport
 from homesplit.wire import FrameLimits
 
-__all__ = ["TlsTransport", "client_context", "server_context"]
+__all__ = ["TlsTransport", "client_context", "describe_tls_error", "server_context"]
 
 logger = logging.getLogger(__name__)
 
