@@ -130,11 +130,12 @@ class PerSampleGradients:
             # A layer called twice in one forward (tied weights) adds up per sample.
             stored[microbatch] = stored[microbatch] + grad_sample if microbatch in stored else grad_sample
 
-    def take(self) -> list[torch.Tensor]:
-        """Return one ``[batch, *param.shape]`` tensor per parameter and start a new step.
+    def take(self) -> list[list[torch.Tensor]]:
+        """Return, per parameter, one ``[b_m, *param.shape]`` tensor per micro-batch, and start a new step.
 
-        Samples are in micro-batch order. A parameter that got no gradient in a
-        micro-batch contributes zeros for its samples.
+        Micro-batches are in order, so concatenating gives the samples in
+        mini-batch order. A parameter that got no gradient in a micro-batch
+        contributes zeros for its samples.
         """
         result = []
         for param, stored in zip(self.parameters, self._grads):
@@ -144,10 +145,7 @@ class PerSampleGradients:
                 if grad_sample is None:
                     grad_sample = torch.zeros((size, *param.shape), dtype=param.dtype)
                 parts.append(grad_sample)
-            if parts:
-                result.append(torch.cat(parts))
-            else:
-                result.append(torch.zeros((0, *param.shape), dtype=param.dtype))
+            result.append(parts)
         self.reset()
         return result
 

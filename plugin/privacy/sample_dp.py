@@ -123,26 +123,37 @@ class SampleDPHook:
             param.grad = (total / self.expected_batch_size).view_as(param)
         self.steps += 1
 
-    def _clipped_sums(self, runner: StageLinks, grad_samples: list[torch.Tensor], *, batch_size: int, step: int):
-        for param, grad_sample in zip(self.per_sample.parameters, grad_samples):
-            if grad_sample.shape[0] != batch_size:
-                raise PrivacyError(
-                    f"stage {self.stage} has per-sample gradients for {grad_sample.shape[0]} samples of a parameter "
-                    f"of shape {list(param.shape)}, but the mini-batch has {batch_size}"
-                )
-        # The runtime's loss is the mini-batch mean; this recovers each sample's own gradient.
-        grad_samples = [g * batch_size for g in grad_samples]
+    def _clipped_sums(self, runner: StageLinks, grad_samples: list[list[torch.Tensor]], *, batch_size: int, step: int):
+        params = self.per_sample.parameters
+        sizes = [part.shape[0] for part in grad_samples[0]] if grad_samples else []
+        if sum(sizes) != batch_size:
+            raise PrivacyError(
+                f"stage {self.stage} has per-sample gradients for {sum(sizes)} samples, but the mini-batch has {batch_size}"
+            )
 
+        # The runtime's loss is the mini-batch mean, so every per-sample gradient
+        # arrives divided by the batch size; norms and sums are scaled back below
+        # rather than multiplying the large per-sample tensors.
         squared = torch.zeros(batch_size, dtype=torch.float64)
-        for grad_sample in grad_samples:
-            squared += grad_sample.reshape(batch_size, -1).to(torch.float64).pow(2).sum(dim=1)
+        for parts in grad_samples:
+            norms = torch.cat([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in parts])
+            squared += norms.to(torch.float64).square()
+        squared *= float(batch_size) ** 2
         if self.whole_model:
             squared = sum_over_stages(runner, squared, step=step, tag=TAG_SAMPLE_NORMS)
 
         factor = (self.max_grad_norm / (squared.sqrt() + _NORM_EPSILON)).clamp(max=1.0)
         self.samples += batch_size
         self.clipped += int((factor < 1.0).sum())
-        return [torch.einsum("i,i...", factor.to(g.dtype), g) for g in grad_samples]
+
+        weights = (factor * batch_size).split(sizes)
+        sums = []
+        for param, parts in zip(params, grad_samples):
+            total = torch.zeros(param.numel(), dtype=param.dtype)
+            for weight, g in zip(weights, parts):
+                total += weight.to(g.dtype) @ g.reshape(g.shape[0], -1)
+            sums.append(total.view_as(param))
+        return sums
 
     def report(self) -> dict[str, float | int | str]:
         """Return what this stage did for the privacy accounting, as JSON-friendly numbers."""
