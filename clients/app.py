@@ -188,8 +188,8 @@ def _reply(msg: Message, outcome: StageOutcome, stage: int, num_examples: int, k
 
 
 def _error_reply(msg: Message, device: DeviceConfig | None, stage: int, exc: Exception) -> Message:
-    who = f"{device.household}/{device.device}" if device else "device with an invalid node config"
-    reason = f"{who} (stage {stage}) failed: {type(exc).__name__}: {exc}"
+    name = f"{device.household}/{device.device}" if device else "device with an invalid node config"
+    reason = f"{name} (stage {stage}) failed: {type(exc).__name__}: {exc}"
     if device is not None and device.simulated and isinstance(exc, LinkError):
         reason += (
             ". In simulation every device of a household must run at once: make "

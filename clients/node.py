@@ -29,7 +29,7 @@ Node config keys, set with ``flower-supernode --node-config '...'``:
 
 In Flower's simulation engine the node config only has ``partition-id`` and
 ``num-partitions``. Then the run config key ``household-layout`` (see
-`homesplit.layout`) names the households and devices, ``bundle-root`` holds
+`homesplit.layout`) names the households and devices, ``bundle-root`` contains
 one bundle per ``HOUSEHOLD/DEVICE``, listeners use port 0, and
 ``insecure-links`` in the run config allows plaintext.
 """

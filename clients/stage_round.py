@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StageOutcome:
-    """What one stage did in one message.
+    """Result of one stage for one message.
 
     Attributes
     ----------
@@ -63,7 +63,7 @@ def _connect(
 ) -> tuple[Link | None, Link | None]:
     """Open the listener, dial downstream, then accept upstream (downstream listens, upstream dials)."""
     transport = _transport(device, timeouts)
-    me = PeerIdentity(device.device, stage, plan.household, server_round)
+    local = PeerIdentity(device.device, stage, plan.household, server_round)
     listener: socket.socket | None = None
     upstream = downstream = None
     try:
@@ -73,16 +73,18 @@ def _connect(
             if parse_address(device.listen)[1] == 0:
                 publish_port(device.rendezvous_dir, plan.household, kind, server_round, stage, port)
         if stage < plan.num_stages - 1:
-            nxt = plan.stages[stage + 1]
-            address = nxt.address
+            following = plan.stages[stage + 1]
+            address = following.address
             host, port = parse_address(address)
             if port == 0:
                 port = wait_for_port(device.rendezvous_dir, plan.household, kind, server_round, stage + 1, timeout=timeouts.connect)
                 address = f"{host}:{port}"
-            downstream = transport.dial(address, local=me, expect=PeerIdentity(nxt.device, stage + 1, plan.household, server_round))
+            expect = PeerIdentity(following.device, stage + 1, plan.household, server_round)
+            downstream = transport.dial(address, local=local, expect=expect)
         if stage > 0:
-            prev = plan.stages[stage - 1]
-            upstream = transport.accept(listener, local=me, expect=PeerIdentity(prev.device, stage - 1, plan.household, server_round))
+            preceding = plan.stages[stage - 1]
+            expect = PeerIdentity(preceding.device, stage - 1, plan.household, server_round)
+            upstream = transport.accept(listener, local=local, expect=expect)
     except BaseException:
         if downstream is not None:
             downstream.close(reason=f"stage {stage} could not connect upstream")

@@ -30,7 +30,7 @@ class HomesplitStrategy(Strategy):
 
     Each round, every sampled household gets one message per pipeline stage,
     carrying only that stage's segment and the household plan. A household's
-    update counts only if all its stages reply without error; the updates
+    update counts only if all its stages reply without error. The updates
     that count are averaged per parameter name, weighted by the household's
     examples. Start it like FedAvg: ``strategy.start(grid=grid,
     initial_arrays=ArrayRecord(model.state_dict()), num_rounds=...)``.
@@ -167,6 +167,7 @@ class HomesplitStrategy(Strategy):
         trained = [o for o in outcomes.values() if o.succeeded]
         failed = sorted(h for h, o in outcomes.items() if not o.succeeded)
         seconds = time.monotonic() - self._round_started
+
         logger.info(
             "Round %d: %d households trained %s, %d dropped %s, in %.1f s",
             server_round, len(trained), sorted(o.household for o in trained), len(failed), failed, seconds,
@@ -183,6 +184,7 @@ class HomesplitStrategy(Strategy):
         loss = _weighted_last_stage(trained, "train-loss")
         if loss is not None:
             metrics["train-loss"] = loss
+
         self.round_records[server_round] = {
             "households_trained": sorted(o.household for o in trained),
             "households_failed": {h: outcomes[h].failures for h in failed},
@@ -224,8 +226,8 @@ class HomesplitStrategy(Strategy):
 
     def _refresh_devices(self, grid: Grid) -> None:
         """Run discovery on the first round and whenever the set of connected nodes changed."""
-        wanted = self.min_available_nodes if self._discovered_nodes is None else 1
-        node_ids = frozenset(wait_for_nodes(grid, wanted, self.nodes_timeout))
+        required = self.min_available_nodes if self._discovered_nodes is None else 1
+        node_ids = frozenset(wait_for_nodes(grid, required, self.nodes_timeout))
         if node_ids == self._discovered_nodes:
             return
         logger.info("Discovering %d nodes", len(node_ids))

@@ -39,7 +39,7 @@ def test_average_weights_by_examples():
 
 
 def test_average_is_per_parameter_name():
-    # h1 holds a.weight and b.weight; h2 holds only b.weight (another split).
+    # h1 returns a.weight and b.weight, h2 only b.weight, as with different cuts.
     first = HouseholdOutcome("h1", num_examples=1, arrays={"a.weight": np.ones((2, 2), np.float32), "b.weight": np.zeros(3, np.float32)})
     second = HouseholdOutcome("h2", num_examples=1, arrays={"b.weight": np.full(3, 2.0, np.float32)})
     result = average_by_name(_current(), [first, second])

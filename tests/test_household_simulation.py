@@ -1,6 +1,6 @@
 """HomesplitStrategy under Flower's Ray simulation engine, checked against the unsplit model.
 
-One household of two devices trains one round in simulation; the global
+One household of two devices trains one round in simulation. The global
 model that comes back must equal the unsplit model trained directly in this
 process on the same mini-batches from the same initial weights.
 """

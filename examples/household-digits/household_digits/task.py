@@ -2,8 +2,8 @@
 
 The data is scikit-learn's handwritten digits (1,797 8x8 images, shipped with
 scikit-learn, no download). A fixed 20% is held out for the server's
-centralized evaluation; the rest is partitioned across households with a
-flwr-datasets partitioner, IID or Dirichlet over the labels.
+centralized evaluation. A flwr-datasets partitioner splits the rest across
+households, IID or Dirichlet over the labels.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def load_data(device: DeviceConfig) -> DeviceData:
     """Load the data owner's partition, chosen by its partition-id and num-partitions."""
     if device.partition_id is None or device.num_partitions is None:
         raise ValueError(
-            f"{device.household}/{device.device} holds data but has no partition-id/num-partitions in its node config"
+            f"{device.household}/{device.device} has holds-data=true but partition-id or num-partitions is missing in its node config; add both"
         )
     return household_partition(device.partition_id, device.num_partitions, device.run_config)
 
