@@ -2,8 +2,8 @@
 
 For each model and each stage count (2 and 3), one device of the household is
 slow: its stage process runs in a cgroup v1 ``cpu`` group whose
-``cpu.cfs_quota_us`` is 25% of ``cpu.cfs_period_us``, so the planner is told
-its speed is 0.25. The other devices have speed 1.0, the speed of this machine
+``cpu.cfs_quota_us`` is 25% of ``cpu.cfs_period_us``, so the planner gets
+speed 0.25 for it. The other devices have speed 1.0, the speed of this machine
 with one torch thread. The benchmark then
 
 1. profiles the model in this process with one torch thread, as the stage
@@ -103,8 +103,8 @@ def slowed(fraction: float) -> Iterator[tuple[dict, callable]]:
 
     With cgroups, this process and the stage processes it starts run in a
     group with a high ``cpu.shares``, so that other work on the machine
-    disturbs the measurement less, and the slow stage moves into a second
-    group that also has the quota. Both groups are removed on exit. Without
+    disturbs the measurement less. The slow stage moves into a second group
+    that also has the quota. Both groups are removed on exit. Without
     cgroups, a thread stops and continues the slow process instead.
     """
     root = _find_cgroup_cpu_root()

@@ -139,8 +139,8 @@ def format_plan(plan: Plan, devices: list[DeviceProfile]) -> str:
     """Return the plan as a text table with one row per stage, and a summary.
 
     Energy per stage is joules per mini-batch: busy watts while the stage
-    computes and idle watts for the rest of the step; "-" where the device has
-    no power figures.
+    computes and idle watts for the rest of the step. It is "-" where the
+    device has no power figures.
     """
     by_name = {device.name: device for device in devices}
     header = ["stage", "device", "layers", "parameters", "memory MiB", "compute ms/mb", "transfer ms/mb", "energy J/step"]
@@ -182,7 +182,7 @@ def _layer_range(layers: list[str]) -> str:
 def _stage_energy(plan: Plan, compute_seconds: float, device: DeviceProfile) -> str:
     if not device.has_power:
         return "-"
-    # compute_seconds covers the largest micro-batch; the busy time of a step covers every sample once.
+    # compute_seconds covers the largest micro-batch, but a step computes every sample once.
     busy = compute_seconds / plan.microbatch_size * plan.batch_size
     joules = device.busy_watts * busy + device.idle_watts * max(0.0, plan.step_seconds - busy)
     return f"{joules:.4g}" if math.isfinite(joules) else "-"

@@ -34,8 +34,8 @@ __all__ = ["measure_link", "echo_link_probes", "measure_link_pair"]
 
 logger = logging.getLogger(__name__)
 
-# Probes are ACTIVATION frames echoed back as GRADIENT frames; a METRIC frame
-# ends the probing. `step` carries the probe's sequence number.
+# Probes are ACTIVATION frames, and echoes are GRADIENT frames. A METRIC frame
+# ends the probing, and `step` carries each probe's sequence number.
 _PROBE = FrameKind.ACTIVATION
 _ECHO = FrameKind.GRADIENT
 _DONE = FrameKind.METRIC
@@ -78,7 +78,10 @@ def measure_link(
         If the peer does not echo a probe in time, or echoes the wrong one.
     """
     if not 0 < small_bytes < large_bytes:
-        raise ConfigError(f"need 0 < small_bytes < large_bytes, got small_bytes={small_bytes}, large_bytes={large_bytes}")
+        raise ConfigError(
+            f"invalid probe sizes small_bytes={small_bytes}, large_bytes={large_bytes}; "
+            "small_bytes must be positive and below large_bytes"
+        )
     if repeats < 1:
         raise ConfigError(f"repeats={repeats} must be at least 1")
 
@@ -99,10 +102,13 @@ def measure_link(
         link.send(Frame(_DONE, torch.zeros(1, dtype=torch.float64)))
 
     extra = medians[large_bytes] - medians[small_bytes]
-    # Noise can make the large probe look as fast as the small one; a
-    # bandwidth from a tiny difference would be meaninglessly high.
-    extra = max(extra, 1e-9)
-    bandwidth = 2 * (large_bytes - small_bytes) / extra
+    if extra > 0:
+        bandwidth = 2 * (large_bytes - small_bytes) / extra
+    else:
+        # Noise made the large probe look no slower than the small one. The
+        # whole round trip of the large probe gives a lower bound instead.
+        logger.warning("link to %s: large probes were not slower than small ones; bandwidth is a lower bound", link.peer)
+        bandwidth = 2 * large_bytes / medians[large_bytes]
     latency = max(0.0, (medians[small_bytes] - small_bytes / bandwidth) / 2)
     logger.info(
         "link to %s: %.3g MB/s, latency %.3g ms (round trips %.3g ms at %d bytes, %.3g ms at %d bytes)",
