@@ -86,3 +86,22 @@ class PrivacyError(HomesplitError, ValueError):
 
 class BudgetExhaustedError(PrivacyError):
     """Training further would spend more privacy budget than the target allows."""
+
+
+__all__.append("FederationError")
+
+
+class FederationError(HomesplitError):
+    """A component of a local Flower federation failed, or a run did not finish.
+
+    Parameters
+    ----------
+    message : str
+        What went wrong, with the component's last log lines.
+    component : str
+        The failing component, e.g. ``"flower-supernode for household-a/phone"``.
+    """
+
+    def __init__(self, message: str, *, component: str) -> None:
+        super().__init__(message)
+        self.component = component

@@ -1,0 +1,1 @@
+"""Flower test app that echoes node configs and a small array."""
