@@ -8,9 +8,9 @@ mini-batches with per-sample clipping and noise:
   thread, homesplit's whole-model clipping (per-sample norms exchanged over
   the link) and noise on each segment.
 
-The figure is the median step time after warm-up steps; for the pipeline it is
-the step time that stage 0, the data owner, measures from sending the step to
-its optimizer step. ``ratio`` is pipeline / opacus, and the target is 1.5 or
+The figure is the median step time after warm-up steps. For the pipeline it is
+the time that stage 0, the data owner, measures from sending the step to its
+optimizer step. ``ratio`` is pipeline / opacus, and the target is 1.5 or
 less. Opacus runs with one thread too, so each side uses one core per process.
 
 Run::

@@ -47,9 +47,9 @@ class StageHook(Protocol):
     def before_step(self, runner: StageRunner, *, batch_size: int, step: int) -> None:
         """Run after the mini-batch's last backward and before the optimizer step.
 
-        A hook whose ``steps_on_empty_batch`` attribute is true is also called,
-        and the optimizer also steps, for an empty training mini-batch
-        (``batch_size=0``); otherwise empty mini-batches take no step.
+        For an empty training mini-batch (``batch_size=0``), hooks run and the
+        optimizer steps only if a hook's ``steps_on_empty_batch`` attribute is
+        true. Otherwise empty mini-batches take no step.
         """
 
 

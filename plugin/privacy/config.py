@@ -24,7 +24,7 @@ ACCOUNTANTS = ("rdp", "prv")
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
-    """What a household protects and how.
+    """Differential privacy settings of a household: the mode, the noise and the clipping bound.
 
     Parameters
     ----------

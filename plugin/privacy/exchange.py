@@ -1,9 +1,9 @@
 """Sum a tensor over the stages of a pipeline through its household links.
 
-The sum runs up the chain and the total comes back down: the last stage sends
-its values upstream as a NORMS frame, every stage adds its own and passes the
-partial sum on, and stage 0 sends the total back downstream. Every stage
-therefore ends with the same tensor, added in the same order.
+The sum runs up the chain and the total comes back down. The last stage sends
+its values upstream as a NORMS frame, and every stage adds its own and passes
+the partial sum on. Stage 0 then sends the total back downstream, so every
+stage ends with the same tensor, added in the same order.
 
 The runtime calls this between a step's last backward and its optimizer step,
 or after the last step of a round. At both points no other frame of the step
@@ -31,7 +31,7 @@ TAG_UPDATE_NORM = 1
 
 
 class StageLinks(Protocol):
-    """What `sum_over_stages` needs of a stage; `homesplit.stage.StageRunner` has it."""
+    """Index, round and links of a stage, as `homesplit.stage.StageRunner` has them."""
 
     stage: int
     round: int

@@ -90,8 +90,8 @@ def central_noise_std(*, noise_multiplier: float, max_norm: float, expected_hous
     """Return the std per coordinate that the server adds to the mean of clipped household updates.
 
     The server must sum the clipped updates unweighted and divide by the
-    expected number of households per round, a fixed number; weighting by
-    example counts would let one household's weight exceed the bound.
+    expected number of households per round, a fixed number. Weighting by
+    example counts would let one household's contribution exceed the bound.
     """
     if not expected_households > 0:
         raise PrivacyError(f"expected_households={expected_households} must be > 0")

@@ -41,7 +41,7 @@ def trainable_layers(segment: nn.Module, prefix: str = "") -> Iterator[tuple[str
     A layer that owns trainable parameters and has an Opacus grad sampler is
     yielded and its children are visited too. A layer that owns parameters but
     has no grad sampler is yielded as a whole and handled by functorch, so its
-    children are not visited; this is the rule of Opacus's `GradSampleHooks`.
+    children are not visited. Opacus's `GradSampleHooks` follows the same rule.
     """
     if _owns_trainable_parameters(segment):
         yield prefix, segment
@@ -67,7 +67,7 @@ class PerSampleGradients:
     Notes
     -----
     Micro-batch ``m`` is the ``m``-th training forward of the segment since the
-    last `take`; the pipeline schedules run forwards in micro-batch order on
+    last `take`. The pipeline schedules run forwards in micro-batch order on
     every stage, so the sample order is the same on every stage. The
     gradients are those of the loss the stage back-propagates, whatever its
     scaling; the caller rescales.

@@ -7,8 +7,8 @@ DPOptimizer computes for the unsplit model under Poisson sampling:
 
 1. Per-sample gradients of the segment come from `PerSampleGradients`.
 2. The runtime scales each micro-batch's mean loss by ``b_i / B``, so each
-   sample's gradient arrives multiplied by ``1 / B``; the hook multiplies by
-   ``B`` to get the per-sample gradients of the summed loss.
+   sample's gradient arrives multiplied by ``1 / B``. The hook scales norms
+   and sums by ``B``, which gives the per-sample gradients of the summed loss.
 3. Whole-model clipping: each sample's squared norm is summed over all
    segments through the household links, and every stage scales the sample by
    ``min(1, C / (norm + 1e-6))``, the factor of Opacus's DPOptimizer.
@@ -116,6 +116,7 @@ class SampleDPHook:
             sums = self._clipped_sums(runner, grad_samples, batch_size=batch_size, step=step)
 
         for param, total in zip(params, sums):
+            # NOTE: plain torch.normal, without Opacus's secure_mode defence against floating-point attacks.
             if self.noise_std > 0:
                 total = total + torch.normal(
                     0.0, self.noise_std, size=param.shape, generator=self.generator, dtype=param.dtype
@@ -132,8 +133,8 @@ class SampleDPHook:
             )
 
         # The runtime's loss is the mini-batch mean, so every per-sample gradient
-        # arrives divided by the batch size; norms and sums are scaled back below
-        # rather than multiplying the large per-sample tensors.
+        # arrives divided by the batch size. Norms and sums are scaled back,
+        # because scaling the large per-sample tensors would copy them.
         squared = torch.zeros(batch_size, dtype=torch.float64)
         for parts in grad_samples:
             norms = torch.cat([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in parts])

@@ -43,8 +43,8 @@ def check_segment(segment: nn.Module, *, stage: int, fix: bool = False) -> nn.Mo
     Raises
     ------
     PrivacyError
-        If a layer is unsupported; the message names every such layer, and for
-        BatchNorm says to use GroupNorm.
+        If a layer is unsupported. The message names every such layer, and for
+        BatchNorm it suggests GroupNorm.
     """
     if fix:
         problems = _problems(segment)
