@@ -3,7 +3,9 @@
 In simulation and in tests every device runs on one machine, so no port is
 fixed: a downstream stage binds port 0 and writes the port it got to a file
 named after the household, round, message kind and stage; its upstream
-neighbour polls for that file until a deadline.
+neighbour polls for that file until a deadline and deletes it once read.
+
+NOTE: the folder itself (one per run) stays in the temp folder.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ def wait_for_port(directory: Path, household: str, kind: str, server_round: int,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            return int(path.read_text())
+            port = int(path.read_text())
         except (FileNotFoundError, ValueError):
             time.sleep(_POLL_SECONDS)
+            continue
+        path.unlink(missing_ok=True)
+        return port
     raise PeerTimeoutError(
         f"stage {stage} of household {household} published no listening port in {path} within {timeout:.0f} s",
         peer=f"{household}/stage{stage}",

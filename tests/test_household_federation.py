@@ -8,6 +8,7 @@ process it started is gone afterwards.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -76,6 +77,18 @@ def test_deployment_tls_two_households_two_rounds(tmp_path):
     assert _own_flower_processes() == []
 
 
+def _live_clientapps(supernode: psutil.Process) -> list[psutil.Process]:
+    """Return the running (not zombie) flwr-clientapp processes under `supernode`."""
+    found = []
+    for proc in supernode.children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and "flwr-clientapp" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 class _DeviceKiller:
     """Kill the ClientApp process of one device once its household's train round has started."""
 
@@ -93,33 +106,37 @@ class _DeviceKiller:
         if f"Household {self.household}:" in line and "stages" in line and not self.killed:
             self._armed.set()
 
-    def _supernode(self) -> psutil.Process | None:
+    def _supernode(self) -> tuple[psutil.Process, int] | None:
+        """Return the device's flower-supernode and the data-plane port from its node config."""
         for proc in psutil.Process().children(recursive=True):
             try:
                 command = " ".join(proc.cmdline())
             except psutil.Error:
                 continue
             if "flower-supernode" in command and f"'{self.household}'" in command and f"device='{self.device}'" in command:
-                return proc
+                return proc, int(re.search(r"listen='[^']*:(\d+)'", command).group(1))
         return None
 
     def _run(self) -> None:
         if not self._armed.wait(timeout=300):
             return
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not self._stop.is_set():
-            supernode = self._supernode()
-            apps = [] if supernode is None else [
-                p for p in supernode.children(recursive=True) if "flwr-clientapp" in " ".join(p.cmdline())
-            ]  # fmt: skip
-            if apps:
-                # Let it import, connect and start training before killing it.
-                time.sleep(3.0)
-                for proc in apps:
+            found = self._supernode()
+            for proc in [] if found is None else _live_clientapps(found[0]):
+                # Kill once its upstream neighbour is connected, so the stage
+                # dies in the middle of the pipeline, not while importing.
+                try:
+                    connected = any(
+                        c.status == psutil.CONN_ESTABLISHED and c.laddr.port == found[1] for c in proc.net_connections("tcp")
+                    )
+                except psutil.Error:
+                    continue
+                if connected:
                     proc.send_signal(signal.SIGKILL)
                     self.killed.append(proc.pid)
-                return
-            time.sleep(0.1)
+                    return
+            time.sleep(0.05)
 
     def close(self) -> None:
         self._stop.set()
