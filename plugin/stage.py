@@ -257,7 +257,7 @@ class StageRunner:
                 self._optimizer_step(batch_size, step)
             return result
         training = mode == MODE_TRAIN
-        if training and self.optimizer is None:
+        if training and self.optimizer is None and self._has_parameters():
             raise ConfigError(f"stage {self.stage} was asked to train but has no optimizer")
         self.segment.train(training)
         actions = stage_actions(
@@ -290,13 +290,17 @@ class StageRunner:
         return result
 
     def _optimizer_step(self, batch_size: int, step: int) -> None:
-        if self.optimizer is None:
+        if self.optimizer is None and self._has_parameters():
             raise ConfigError(f"stage {self.stage} was asked to train but has no optimizer")
         for hook in self.hooks:
             hook.before_step(self, batch_size=batch_size, step=step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
+
+    def _has_parameters(self) -> bool:
+        return any(True for _ in self.segment.parameters())
 
     def _forward(self, step: int, m: int, batch_size: int, input_chunks, target_chunks):
         state = _InFlight()

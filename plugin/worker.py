@@ -90,7 +90,9 @@ def run_stage(
     if missing:
         raise ConfigError(f"initial weights for stage {stage} lack {sorted(missing)[:5]}")
     segment.load_state_dict({k: weights[k] for k in segment.state_dict()}, strict=True)
-    optimizer = build_optimizer(job.optimizer, segment.parameters())
+    # A segment without parameters (a lone activation, say) has nothing to step.
+    has_parameters = any(True for _ in segment.parameters())
+    optimizer = build_optimizer(job.optimizer, segment.parameters()) if has_parameters else None
     runner = StageRunner(
         segment,
         stage=stage,
@@ -115,7 +117,9 @@ def run_stage(
             runner.finish()
         else:
             results = runner.serve()
-        final = {k: v.detach().clone() for k, v in segment.state_dict().items()}
+        # No clone: training is over, and a copy would add a full set of
+        # weights at the moment gradients and optimizer state still exist.
+        final = {k: v.detach() for k, v in segment.state_dict().items()}
         for hook in hooks:
             if hasattr(hook, "finish_round"):
                 # Household-level DP clips the round update over all stages, so the links must still be open.
@@ -176,10 +180,16 @@ def _run_one(job: PipelineJob, args: argparse.Namespace, transport, listener, we
 
 
 def _peak_rss_bytes() -> int:
-    import resource
+    """Peak resident memory of this process in bytes, from VmHWM.
 
-    # ru_maxrss is in kibibytes on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    getrusage's ru_maxrss is no use here: Linux carries the parent's peak
+    across exec, so a small stage started by a large parent reports the
+    parent's figure.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

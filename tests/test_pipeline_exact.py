@@ -108,3 +108,18 @@ def test_loss_reported_by_last_stage(tmp_path):
     steps = run.reports[-1]["steps"]
     pipeline_losses = [s["loss_sum"] / s["batch_size"] for s in steps]
     assert pipeline_losses == pytest.approx(losses, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_stage_without_parameters_trains(tmp_path):
+    # Stage 1 holds only the ReLU "1", so it has nothing to step but must relay gradients.
+    job = PipelineJob(
+        model="homesplit.models:mlp", example_shape=[1, 32], cuts=["1", "2"],
+        data="homesplit.datasets:random_classification", data_kwargs={"steps": 3}, num_microbatches=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    init = job.build_model().state_dict()
+    run = run_local_pipelines([job], [init], workdir=tmp_path)[0]
+    reference, _ = train_reference(job, init)
+    for key, expected in reference.items():
+        torch.testing.assert_close(run.state[key], expected, rtol=0, atol=1e-5)
