@@ -192,9 +192,9 @@ def _error_reply(msg: Message, device: DeviceConfig | None, stage: int, exc: Exc
     reason = f"{name} (stage {stage}) failed: {type(exc).__name__}: {exc}"
     if device is not None and device.simulated and isinstance(exc, LinkError):
         reason += (
-            ". In simulation every device of a household must run at once: make "
-            "options.backend.init-args.num-cpus / options.backend.client-resources.num-cpus "
-            "at least the number of devices that train in a round"
+            ". In simulation every device of a household must run at once: raise init-args-num-cpus or lower "
+            "client-resources-num-cpus in the simulation's federation config, so that "
+            "init-args-num-cpus // client-resources-num-cpus is at least the number of devices that train in a round"
         )
     logger.error("%s", reason)
     return Message(Error(code=_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from homesplit.errors import FederationError
-from homesplit.experiment import Experiment, load_experiment
+from homesplit.experiment import Experiment, household_privacy, load_experiment
 from homesplit.federation import LocalFederation, SuperNodeSpec
 from homesplit.pki import Household
+from homesplit.privacy.settings import encode_run_config
 from homesplit.run_report import write_report
 
 __all__ = ["register", "run_experiment", "supernode_specs", "run_config"]
@@ -51,7 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_handle)
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so LocalFederation stops every
+    # process it started instead of leaving them running in their own sessions.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _handle(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     experiment = load_experiment(args.experiment, rounds=args.rounds)
     print(
         f"homesplit run: {len(experiment.households)} households, "
@@ -142,6 +151,7 @@ def run_config(experiment: Experiment, result_path: Path) -> dict[str, Any]:
         "connect-timeout": float(config["timeouts"]["connect"]),
         "round-timeout": float(config["timeouts"]["round"]),
         "result-path": str(result_path),
+        "privacy": encode_run_config(household_privacy(config)),
     }
 
 

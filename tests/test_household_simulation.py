@@ -75,3 +75,26 @@ def test_simulation_one_round_equals_unsplit_training(tmp_path):
     assert sorted(federated) == sorted(reference)
     for name, value in reference.items():
         torch.testing.assert_close(federated[name], value, rtol=1e-5, atol=1e-6, msg=f"parameter {name} differs")
+
+
+@pytest.mark.slow
+def test_simulation_serial_clientapps_fail_fast(tmp_path):
+    # Two CPUs per ClientApp out of two: the engine runs one device at a time,
+    # so the household's two stages can never meet.
+    result_path = tmp_path / "results.json"
+    run_config = dict(
+        RUN_CONFIG,
+        **{"insecure-links": True, "connect-timeout": 10.0, "result-path": str(result_path)},
+    )
+    spec = SimulationSpec(num_supernodes=2, clientapp_cpus=2, ray_cpus=2)
+    with LocalFederation(simulation=spec, root_dir=tmp_path) as federation:
+        outcome = federation.run(APP, run_config=run_config, timeout=240)
+
+    assert outcome.seconds < 120
+    record = json.loads(result_path.read_text())["rounds"][0]
+    assert record["households_trained"] == []
+    failures = record["households_failed"]["household-1"]
+    assert set(failures) == {"laptop", "phone"}
+    for error in failures.values():
+        assert "client-resources-num-cpus" in error
+        assert "init-args-num-cpus" in error
