@@ -1,8 +1,8 @@
 """Port exchange through files, for listeners bound to port 0 on one machine.
 
 In simulation and in tests every device runs on one machine, so no port is
-fixed: a downstream stage binds port 0 and writes the port it got to a file
-named after the household, round, message kind and stage; its upstream
+fixed. A downstream stage binds port 0 and writes the port it got to a file
+named after the household, round, message kind and stage. Its upstream
 neighbour polls for that file until a deadline and deletes it once read.
 
 NOTE: the folder itself (one per run) stays in the temp folder.

@@ -17,6 +17,7 @@ from homesplit.household_plan import HouseholdPlan
 from homesplit.job import build_loss, build_optimizer
 from homesplit.link import Link, LinkTimeouts
 from homesplit.partition import split_model
+from homesplit.privacy.attach import prepare_stage
 from homesplit.stage import StageRunner, StepResult
 from homesplit.transport import PeerIdentity, TcpTransport, open_listener, parse_address
 from homesplit.clients.node import DeviceConfig
@@ -41,12 +42,15 @@ class StageOutcome:
         Bytes this stage wrote to its links.
     seconds : float
         Wall time from connecting to the last step.
+    privacy : dict or None
+        The privacy hook's report (mode, sigma, q, DP steps taken), None without DP.
     """
 
     state: dict[str, torch.Tensor]
     steps: list[StepResult] = field(default_factory=list)
     bytes_sent: int = 0
     seconds: float = 0.0
+    privacy: dict[str, Any] | None = None
 
 
 def _transport(device: DeviceConfig, timeouts: LinkTimeouts):
@@ -109,6 +113,7 @@ def run_stage_round(
     loss: str,
     optimizer: dict[str, Any] | None,
     timeouts: LinkTimeouts,
+    privacy: dict[str, Any] | None = None,
 ) -> StageOutcome:
     """Build this stage's segment, connect to its neighbours and run the batches.
 
@@ -122,6 +127,9 @@ def run_stage_round(
         Loss name or ``module:function`` (see `homesplit.job.build_loss`).
     optimizer : dict or None
         Optimizer spec for training, e.g. ``{"name": "SGD", "lr": 0.05}``.
+    privacy : dict or None, default None
+        Training only: `homesplit.privacy.PrivacyConfig` keys; every stage of
+        the household must get the same settings.
 
     Raises
     ------
@@ -143,13 +151,17 @@ def run_stage_round(
         split = split_model(model_fn(), plan.cuts, example_inputs=example_inputs())
     segment = split.segments[stage]
     segment.to_empty(device="cpu")
+    training = kind == "train"
+    hooks: list = []
+    if training and privacy is not None:
+        # Before loading weights and building the optimizer: fixing a layer replaces its parameters.
+        segment, hooks = prepare_stage(privacy, segment, stage=stage, num_stages=plan.num_stages, round=server_round)
     names = list(segment.state_dict())
     missing = sorted(set(names) - set(weights))
     if missing:
-        raise ConfigError(f"the train message for stage {stage} lacks arrays {missing[:5]}")
+        raise ConfigError(f"the {kind} message for stage {stage} is missing arrays {missing[:5]}; the server must send this segment's weights")
     segment.load_state_dict({name: weights[name] for name in names}, strict=True)
 
-    training = kind == "train"
     started = time.perf_counter()
     upstream, downstream = _connect(device, plan, stage, kind, server_round, timeouts)
     runner = StageRunner(
@@ -163,16 +175,27 @@ def run_stage_round(
         schedule=plan.schedule,
         loss_fn=build_loss(loss) if stage == plan.num_stages - 1 else None,
         round=server_round,
+        hooks=hooks,
     )
     try:
         steps = _drive(runner, batches, plan.num_microbatches, training) if stage == 0 else runner.serve()
+        state = {name: value.detach().clone() for name, value in segment.state_dict().items()}
+        for hook in hooks:
+            if hasattr(hook, "finish_round"):
+                # Household-level DP clips the round update over all stages, so the links must still be open.
+                state = hook.finish_round(runner, weights, state)
     except BaseException as exc:
         runner.close(error=exc)
         raise
     runner.close()
     bytes_sent = sum(link.bytes_sent for link in (upstream, downstream) if link is not None)
-    state = {name: value.detach().clone() for name, value in segment.state_dict().items()}
-    return StageOutcome(state=state, steps=steps, bytes_sent=bytes_sent, seconds=time.perf_counter() - started)
+    report = hooks[0].report() if hooks else None
+    for hook in hooks:
+        if hasattr(hook, "close"):
+            hook.close()
+    return StageOutcome(
+        state=state, steps=steps, bytes_sent=bytes_sent, seconds=time.perf_counter() - started, privacy=report
+    )
 
 
 def _drive(runner: StageRunner, batches: Iterable[tuple[Any, Any]], num_microbatches: int, training: bool) -> list[StepResult]:
