@@ -18,6 +18,11 @@ key, the value and what is allowed. An example::
     data: {partitioner: iid, dirichlet-alpha: 0.5}
     evaluation: {fraction-federated: 0.0}
     timeouts: {startup: 120, round: 300, connect: 60, run: 600}
+    privacy: {mode: sample, target-epsilon: 8, max-grad-norm: 1.0}
+
+``privacy`` (default: none, no DP) applies to every household; a household's
+own ``privacy`` key replaces it, and ``privacy: null`` there turns DP off for
+that household. `homesplit.privacy.settings` lists the keys.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from homesplit.errors import ConfigError
 from homesplit.job import load_callable
 from homesplit.partition import candidate_cuts
 from homesplit.pki import validate_name
+from homesplit.privacy.settings import check_settings
 from homesplit.schedule import SCHEDULES
 
-__all__ = ["Experiment", "load_experiment", "DEFAULTS"]
+__all__ = ["Experiment", "load_experiment", "household_privacy", "DEFAULTS"]
 
 DEFAULTS: dict[str, Any] = {
     "app": ".",
@@ -57,9 +63,10 @@ DEFAULTS: dict[str, Any] = {
     "data": {"partitioner": "iid", "dirichlet-alpha": 0.5},
     "evaluation": {"fraction-federated": 0.0},
     "timeouts": {"startup": 120.0, "round": 300.0, "connect": 60.0, "run": 900.0},
+    "privacy": None,
 }
 _REQUIRED = ("model", "example-shape", "households")
-_HOUSEHOLD_KEYS = {"id", "devices"}
+_HOUSEHOLD_KEYS = {"id", "devices", "privacy"}
 _DEVICE_KEYS = {"name", "holds-data"}
 _PARTITIONERS = ("iid", "dirichlet")
 
@@ -130,6 +137,7 @@ def load_experiment(path: str | Path, *, rounds: int | None = None) -> Experimen
         raise ConfigError(f"app={config['app']!r} is not a Flower app folder: {app_dir / 'pyproject.toml'} not found")
     _check_numbers(config)
     _check_households(config)
+    _check_privacy(config)
     num_layers = _count_layers(config, app_dir)
     _check_stages(config, num_layers)
     return Experiment(path=file.resolve(), app_dir=app_dir, config=config, num_layers=num_layers)
@@ -229,6 +237,23 @@ def _check_devices(devices: Any, where: str) -> None:
         raise ConfigError(
             f"{where} has {len(owners)} data owners {owners}; allowed: exactly one device with holds-data: true"
         )
+
+
+def _check_privacy(config: dict[str, Any]) -> None:
+    """Validate the experiment's and each household's privacy settings, filling in their defaults."""
+    if config["privacy"] is not None:
+        config["privacy"] = check_settings(config["privacy"], where="privacy")
+    for index, household in enumerate(config["households"]):
+        if household.get("privacy") is not None:
+            household["privacy"] = check_settings(household["privacy"], where=f"households[{index}].privacy")
+
+
+def household_privacy(config: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Return each household's validated privacy settings, None for a household without DP."""
+    chosen = {}
+    for household in config["households"]:
+        chosen[household["id"]] = household["privacy"] if "privacy" in household else config["privacy"]
+    return chosen
 
 
 def _count_layers(config: dict[str, Any], app_dir: Path) -> int:

@@ -12,6 +12,8 @@ __all__ = [
     "DEVICE",
     "METRICS",
     "PLAN",
+    "PRIVACY",
+    "PRIVACY_STATUS",
     "QUERY_DISCOVER",
     "REPLY_KEYS",
 ]
@@ -38,3 +40,11 @@ REPLY_KEYS = (
     "memory-bytes",
     "cpu-count",
 )
+
+# Key of a household's DP settings for the round (JSON of
+# `homesplit.privacy.settings.RoundPrivacy`) in the config record of train messages.
+PRIVACY = "homesplit-privacy"
+
+# Name of the ConfigRecord with ``status`` and ``message`` in a data owner's
+# reply when it declines a round; the status is "budget_exhausted".
+PRIVACY_STATUS = "privacy"
