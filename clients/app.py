@@ -20,11 +20,22 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from homesplit.clients.node import DeviceConfig, read_device_config
-from homesplit.clients.stage_round import StageOutcome, run_stage_round
+from homesplit.clients.privacy import (
+    RoundDeclined,
+    declined_reply,
+    load_budget,
+    owner_round_privacy,
+    private_batches,
+    privacy_metrics,
+    read_round_privacy,
+    save_budget,
+)
+from homesplit.clients.stage_round import StageOutcome, close_downstream, run_stage_round
 from homesplit.errors import ConfigError, LinkError
 from homesplit.household_plan import HouseholdPlan
 from homesplit.link import LinkTimeouts
 from homesplit.minibatches import minibatches, round_seed
+from homesplit.privacy.accounting import PrivacyBudget
 from homesplit.records import ARRAYS, CONFIG, DEVICE, METRICS, PLAN
 
 __all__ = ["DeviceData", "device_app"]
@@ -113,8 +124,12 @@ def device_app(
             config = msg.content.config_records[CONFIG]
             plan = HouseholdPlan.from_json(str(config[PLAN]))
             stage = int(config["stage"])
-            outcome, num_examples = _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_data, loss)
+            outcome, num_examples = _run(
+                device, plan, stage, kind, msg, config, model_fn, example_inputs, load_data, loss, context
+            )  # fmt: skip
             return _reply(msg, outcome, stage, num_examples, kind, plan.num_stages)
+        except RoundDeclined as declined:  # a status reply, not an error: the budget is spent
+            return declined_reply(msg, declined.decision, declined.budget)
         except Exception as exc:  # every failure becomes an error reply naming the device
             return _error_reply(msg, device, stage, exc)
 
@@ -129,11 +144,13 @@ def device_app(
     return app
 
 
-def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_data, loss) -> tuple[StageOutcome, int]:
+def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_data, loss, context) -> tuple[StageOutcome, int]:
     server_round = int(config["server-round"])
     epochs = int(config.get("local-epochs", 1))
     batches = None
     num_examples = 0
+    privacy = read_round_privacy(config) if kind == "train" else None
+    budget = None
     if stage == 0:
         if not device.holds_data:
             raise ConfigError(f"the plan runs {device.household}/{device.device} as stage 0, but holds-data is false")
@@ -154,13 +171,29 @@ def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_
         recv=float(config.get("recv-timeout", 300.0)),
         peer_silence=float(config.get("peer-silence", 15.0)),
     )
+    if stage == 0 and kind == "train":
+        privacy = owner_round_privacy(device.household, context.run_config, config, dataset_size=num_examples, sent=privacy)
+        if privacy is not None:
+            budget = _check_budget(device, plan, context, privacy, server_round, timeouts)
+            if privacy.config.mode == "sample":
+                batches = private_batches(examples, privacy)
     weights = {name: torch.from_numpy(array.numpy().copy()) for name, array in msg.content.array_records[ARRAYS].items()}
     optimizer = json.loads(str(config.get("optimizer", json.dumps(_DEFAULT_OPTIMIZER))))
     logger.info("%s/%s: %s round %d as stage %d of %d", device.household, device.device, kind, server_round, stage, plan.num_stages)
     outcome = run_stage_round(
         device, plan, stage, kind=kind, server_round=server_round, model_fn=model_fn, example_inputs=example_inputs,
         weights=weights, batches=batches, loss=loss, optimizer=optimizer, timeouts=timeouts,
+        privacy=privacy.config.to_dict() if privacy is not None else None,
     )  # fmt: skip
+    if outcome.privacy is not None:
+        outcome.extra_metrics["privacy-steps"] = int(outcome.privacy["steps"])
+    if budget is not None:
+        # Only a round that replies spends budget: a failed round releases nothing.
+        steps = int(outcome.privacy["steps"])
+        dp = privacy.config
+        budget.record_round(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
+        save_budget(context, budget)
+        outcome.extra_metrics.update(privacy_metrics(budget, privacy, steps=steps))
     if stage > 0:
         # Other stages see every step's batch size, so they count examples too.
         passes = epochs if kind == "train" else 1
@@ -168,10 +201,25 @@ def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_
     return outcome, num_examples
 
 
+def _check_budget(device, plan, context, privacy, server_round, timeouts) -> PrivacyBudget:
+    """Return the data owner's budget if the round fits into it; otherwise stop the household and raise `RoundDeclined`."""
+    budget = load_budget(context, privacy)
+    decision = budget.check_round(
+        noise_multiplier=privacy.config.noise_multiplier, sample_rate=privacy.config.sample_rate, steps=privacy.steps
+    )
+    if decision.allowed:
+        logger.info("%s: round %d %s", device.household, server_round, decision.message)
+        return budget
+    close_downstream(device, plan, kind="train", server_round=server_round, timeouts=timeouts, reason=decision.message)
+    raise RoundDeclined(decision, budget)
+
+
 def _reply(msg: Message, outcome: StageOutcome, stage: int, num_examples: int, kind: str, num_stages: int) -> Message:
     metrics = MetricRecord(
         {"num-examples": num_examples, "stage": stage, "bytes-sent": outcome.bytes_sent, "seconds": outcome.seconds}
     )
+    for key, value in outcome.extra_metrics.items():
+        metrics[key] = value
     if stage == num_stages - 1:
         samples = sum(s.batch_size for s in outcome.steps)
         loss_sum = sum(s.loss_sum or 0.0 for s in outcome.steps)

@@ -23,7 +23,7 @@ from homesplit.transport import PeerIdentity, TcpTransport, open_listener, parse
 from homesplit.clients.node import DeviceConfig
 from homesplit.clients.rendezvous import publish_port, wait_for_port
 
-__all__ = ["StageOutcome", "run_stage_round"]
+__all__ = ["StageOutcome", "run_stage_round", "close_downstream"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class StageOutcome:
         Wall time from connecting to the last step.
     privacy : dict or None
         The privacy hook's report (mode, sigma, q, DP steps taken), None without DP.
+    extra_metrics : dict
+        Metrics the device adds to its reply, such as the data owner's epsilon.
     """
 
     state: dict[str, torch.Tensor]
@@ -51,6 +53,7 @@ class StageOutcome:
     bytes_sent: int = 0
     seconds: float = 0.0
     privacy: dict[str, Any] | None = None
+    extra_metrics: dict[str, float | int] = field(default_factory=dict)
 
 
 def _transport(device: DeviceConfig, timeouts: LinkTimeouts):
@@ -97,6 +100,22 @@ def _connect(
         if listener is not None:
             listener.close()
     return upstream, downstream
+
+
+def close_downstream(
+    device: DeviceConfig, plan: HouseholdPlan, *, kind: str, server_round: int, timeouts: LinkTimeouts, reason: str
+) -> None:
+    """Connect stage 0 to stage 1 and close the link at once, sending `reason`.
+
+    The next stage then fails with `PeerAbortedError` carrying `reason` and
+    passes it on downstream, so no stage of the household waits for its
+    connect or receive deadline.
+    """
+    if plan.num_stages < 2:
+        return
+    _, downstream = _connect(device, plan, 0, kind, server_round, timeouts)
+    if downstream is not None:
+        downstream.close(reason=reason)
 
 
 def run_stage_round(

@@ -207,6 +207,7 @@ def run_experiment(
         "initial_accuracy": server["initial"]["accuracy"],
         "final_accuracy": rounds[-1]["accuracy"] if rounds else server["initial"]["accuracy"],
         "tls": not insecure,
+        "stopped_after_round": server.get("stopped_after_round"),
         "experiment": str(experiment.path),
     }
     write_report(out, rounds=rounds, config=experiment.config, summary=summary)

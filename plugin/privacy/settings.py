@@ -153,6 +153,11 @@ def check_settings(raw: Any, *, where: str) -> dict[str, Any]:
             allowed = "a number in (0, 1]" if key == "sample-rate" else "a number > 0 (samples)"
             raise ConfigError(f"{where}.{key}={settings[key]!r} is invalid; allowed: {allowed}")
         settings[key] = value
+    if settings["noise"] == "central":
+        # NOTE: HomesplitStrategy weights updates by examples and adds no noise, so central noise would go unapplied.
+        raise ConfigError(
+            f"{where}.noise='central' is invalid here: the strategy does not add server-side noise yet; allowed: local"
+        )
     if settings["mode"] == "sample" and settings["sample-rate"] is not None:
         raise ConfigError(
             f"{where}.sample-rate={settings['sample-rate']!r} is invalid in mode sample: there q is "

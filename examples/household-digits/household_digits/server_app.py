@@ -11,7 +11,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from homesplit.privacy.settings import decode_run_config
 from homesplit.strategies import HomesplitStrategy
+from homesplit.strategies.privacy import DPHomesplitStrategy
 from homesplit.tensorfile import save_tensors
 
 from household_digits.task import build_model, evaluate, example_inputs, held_out_test
@@ -26,6 +28,8 @@ def main(grid: Grid, context: Context) -> None:
     """Train for num-server-rounds rounds and write per-round results to result-path."""
     _show_homesplit_logs()
     config = context.run_config
+    # Invalid privacy settings fail here, before any device is contacted.
+    privacy = decode_run_config(config.get("privacy", ""))
     seed = int(config["seed"])
     torch.manual_seed(seed)
     model = build_model()
@@ -42,7 +46,9 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("homesplit round %d: eval_loss %.4f accuracy %.4f", server_round, loss, accuracy)
         return MetricRecord({"eval-loss": loss, "accuracy": accuracy})
 
-    strategy = HomesplitStrategy(
+    strategy_options = {"privacy": privacy} if privacy else {}
+    strategy = (DPHomesplitStrategy if privacy else HomesplitStrategy)(
+        **strategy_options,
         model_fn=build_model,
         example_inputs=example_inputs,
         fraction_train=1.0,
@@ -115,6 +121,11 @@ def _write_results(path: str, result, strategy: HomesplitStrategy, rounds: dict[
                 "seconds": rounds[server_round]["seconds"],
             }
         )
+        if isinstance(strategy, DPHomesplitStrategy):
+            records[-1]["households_declined"] = households.get("households_declined", [])
+            records[-1]["privacy"] = strategy.privacy_records.get(server_round, {})
     initial = rounds.get(0, {})
     payload = {"initial": {"eval_loss": initial.get("eval_loss"), "accuracy": initial.get("accuracy")}, "rounds": records}
+    if isinstance(strategy, DPHomesplitStrategy):
+        payload["stopped_after_round"] = strategy.stopped_after_round
     Path(path).write_text(json.dumps(payload, indent=2), encoding="utf-8")
