@@ -19,7 +19,12 @@ from homesplit.errors import HomesplitError
 __all__ = ["build_parser", "main"]
 
 # Modules that add subcommands, in the order `--help` lists them.
-_COMMAND_MODULES: tuple[str, ...] = ("homesplit.cli_run", "homesplit.cli_household", "homesplit.cli_plan")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "homesplit.cli_run",
+    "homesplit.cli_sweep",
+    "homesplit.cli_household",
+    "homesplit.cli_plan",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
