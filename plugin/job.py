@@ -134,13 +134,22 @@ class PipelineJob:
         Raises
         ------
         ConfigError
-            On unknown or missing keys.
+            On invalid JSON, unknown or missing keys, or a value of the wrong type.
         """
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"pipeline job is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"pipeline job must be a JSON object, not a {type(raw).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"unknown pipeline job keys {unknown}; allowed keys are {sorted(known)}")
+        for key, kind in _JSON_TYPES.items():
+            value = raw.get(key)
+            if key in raw and not _has_type(value, kind):
+                raise ConfigError(f"pipeline job key {key!r} has value {value!r}; expected {_type_names(kind)}")
         try:
             return cls(**raw)
         except TypeError as exc:
@@ -158,6 +167,40 @@ class PipelineJob:
     def example_inputs(self, *, device: str | torch.device = "meta") -> tuple[torch.Tensor]:
         """Return the example input on `device` as a one-element tuple."""
         return (torch.zeros(self.example_shape, dtype=DTYPES[self.example_dtype], device=device),)
+
+
+# JSON types of the keys, checked before construction: a string where a list
+# belongs would otherwise pass, and "cuts": "ab" would mean three stages.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "example_shape": (list,),
+    "cuts": (list,),
+    "data": (str,),
+    "model_kwargs": (dict,),
+    "data_kwargs": (dict,),
+    "example_dtype": (str,),
+    "schedule": (str,),
+    "num_microbatches": (int,),
+    "optimizer": (dict,),
+    "loss": (str,),
+    "max_steps": (int, type(None)),
+    "devices": (list,),
+    "household": (str,),
+    "round": (int,),
+    "privacy": (dict, type(None)),
+}
+
+
+def _has_type(value: Any, kinds: tuple[type, ...]) -> bool:
+    # bool is a subclass of int, but JSON true is not a count.
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds)
+
+
+def _type_names(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", list: "a list", dict: "an object", int: "an integer", type(None): "null"}
+    return " or ".join(names[kind] for kind in kinds)
 
 
 def build_split(job: PipelineJob, *, device: str | torch.device = "meta") -> SplitModel:

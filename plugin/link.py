@@ -135,9 +135,18 @@ class Link(abc.ABC):
         """Bytes read from the network so far, headers included."""
 
 
-def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str) -> None:
+def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str, deadline: float | None = None) -> None:
     received = 0
     while received < len(view):
+        if deadline is not None:
+            # A socket timeout bounds each recv call, not the whole read, so a
+            # peer that trickles one byte at a time would never hit it.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerTimeoutError(
+                    f"peer {peer} sent {received} of {len(view)} bytes of a frame before the deadline", peer=peer
+                )
+            sock.settimeout(remaining)
         n = sock.recv_into(view[received:])
         if n == 0:
             if received:
@@ -146,8 +155,20 @@ def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str) -> None
         received += n
 
 
-def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str) -> tuple[Frame, int]:
+def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline: float | None = None) -> tuple[Frame, int]:
     """Read one frame from a blocking stream socket.
+
+    Parameters
+    ----------
+    sock : socket.socket
+        Connected stream socket; its timeout is changed when `deadline` is set.
+    limits : FrameLimits
+        Bounds the header must respect.
+    peer : str
+        Peer name for error messages.
+    deadline : float or None, default None
+        `time.monotonic` time by which the whole frame must have arrived. None
+        leaves the socket's own timeout, which bounds each recv call only.
 
     Returns
     -------
@@ -160,14 +181,16 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str) -> tuple[
         If the header is invalid; no payload memory has been allocated then.
     PeerClosedError
         If the connection ends cleanly before a frame starts.
+    PeerTimeoutError
+        If `deadline` passes before the whole frame has arrived.
     """
     fixed = bytearray(HEADER.size)
-    _recv_exactly_into(sock, memoryview(fixed), peer)
+    _recv_exactly_into(sock, memoryview(fixed), peer, deadline)
     header = decode_fixed_header(fixed, limits, peer=peer)
     shape_bytes = bytearray(8 * header.ndim)
     if shape_bytes:
         try:
-            _recv_exactly_into(sock, memoryview(shape_bytes), peer)
+            _recv_exactly_into(sock, memoryview(shape_bytes), peer, deadline)
         except PeerClosedError:
             raise FrameError(f"connection from {peer} ended inside a frame header") from None
     header = decode_shape(header, shape_bytes, peer=peer)
@@ -178,7 +201,7 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str) -> tuple[
     payload = torch.empty(header.payload_bytes, dtype=torch.uint8)
     if header.payload_bytes:
         try:
-            _recv_exactly_into(sock, memoryview(payload.numpy()), peer)
+            _recv_exactly_into(sock, memoryview(payload.numpy()), peer, deadline)
         except PeerClosedError:
             raise FrameError(
                 f"connection from {peer} ended inside a {header.payload_bytes}-byte payload"

@@ -134,9 +134,16 @@ class Household:
                     f"no household CA in {str(self.directory)!r} ({name} not found); "
                     "run 'homesplit household init NAME' or pass the right --dir"
                 )
-        meta = json.loads((self.directory / "household.json").read_text())
-        self.household_id: str = validate_name(str(meta.get("household", "")), "household id in household.json")
-        self.ca_cert = x509.load_pem_x509_certificate((self.directory / "ca.pem").read_bytes())
+        try:
+            meta = json.loads((self.directory / "household.json").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{str(self.directory / 'household.json')!r} is corrupt ({exc}); restore it from a backup") from exc
+        household_id = meta.get("household") if isinstance(meta, dict) else None
+        self.household_id: str = validate_name(str(household_id or ""), "household id in household.json")
+        try:
+            self.ca_cert = x509.load_pem_x509_certificate((self.directory / "ca.pem").read_bytes())
+        except ValueError as exc:
+            raise ConfigError(f"{str(self.directory / 'ca.pem')!r} is not a PEM certificate; restore it from a backup") from exc
 
     @classmethod
     def create(cls, directory: str | os.PathLike[str], household_id: str, *, ca_days: int = DEFAULT_CA_DAYS) -> Household:
@@ -251,7 +258,11 @@ class Household:
         key = _new_key()
         public_key = key.public_key()
         not_before = issued_at - _CLOCK_SKEW
-        not_after = issued_at + datetime.timedelta(days=days)
+        try:
+            not_after = issued_at + datetime.timedelta(days=days)
+        except OverflowError:
+            # Past year 9999: certainly beyond the CA's own expiry.
+            not_after = datetime.datetime.max.replace(tzinfo=datetime.timezone.utc)
         if not_after > self.ca_cert.not_valid_after_utc:
             raise ConfigError(
                 f"a {days}-day certificate for {device!r} would outlive the household CA, which expires "
@@ -343,7 +354,13 @@ class Household:
         folder = self.directory / "issued"
         if not folder.is_dir():
             return []
-        return [x509.load_pem_x509_certificate(path.read_bytes()) for path in sorted(folder.glob("*.pem"))]
+        certificates = []
+        for path in sorted(folder.glob("*.pem")):
+            try:
+                certificates.append(x509.load_pem_x509_certificate(path.read_bytes()))
+            except ValueError as exc:
+                raise ConfigError(f"issued certificate {str(path)!r} is not a PEM certificate; restore it from a backup") from exc
+        return certificates
 
     def _load_ca_key(self) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key((self.directory / "ca.key").read_bytes(), password=None)

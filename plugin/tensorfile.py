@@ -84,7 +84,12 @@ def load_tensors(path: str | os.PathLike, *, limits: FrameLimits | None = None) 
         (length,) = _NAME.unpack(take(_NAME.size))
         if length > _MAX_NAME:
             raise FrameError(f"{source} has a tensor name of {length} bytes at byte {offset}; the file is corrupt")
-        name = bytes(take(length)).decode("utf-8")
+        try:
+            name = bytes(take(length)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError(f"{source} has a tensor name that is not UTF-8 before byte {offset}; the file is corrupt") from None
+        if name in tensors:
+            raise FrameError(f"{source} contains tensor {name!r} twice; the file is corrupt")
         header = decode_fixed_header(take(HEADER.size), limits, peer=source)
         header = decode_shape(header, take(8 * header.ndim), peer=source)
         payload = bytearray(take(header.payload_bytes))

@@ -175,8 +175,13 @@ class Frame:
         return cls(kind, data, **coordinates)
 
     def as_text(self) -> str:
-        """Decode a UTF-8 text payload, replacing invalid bytes."""
-        return bytes(self.tensor.numpy()).decode("utf-8", errors="replace")
+        """Decode a UTF-8 text payload, replacing invalid bytes.
+
+        The payload's raw bytes are decoded whatever dtype the header claims,
+        because a peer may send a HELLO or ABORT frame of any dtype, bfloat16
+        included, which numpy cannot represent.
+        """
+        return bytes(tensor_payload(self.tensor)).decode("utf-8", errors="replace")
 
 
 def encode_header(frame: Frame) -> bytes:

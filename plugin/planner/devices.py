@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,12 @@ _BYTE_UNITS = {
 }
 _BIT_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8}
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+# Values in error messages are shortened, because a YAML alias bomb expands to
+# millions of elements that repr would spell out.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlevel = 2
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
 _QUANTITY = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -94,6 +101,8 @@ def load_devices(path: str | Path, *, default_link: LinkProfile = DEFAULT_LINK) 
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the devices file: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: the devices file is not UTF-8 text ({error.reason} at byte {error.start})") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {error}") from error
     try:
@@ -135,9 +144,9 @@ def _device_entries(data: Any) -> list[dict[str, Any]]:
         entries = []
         for name, entry in data.items():
             if not isinstance(entry, Mapping):
-                raise ConfigError(f"device {name!r} must be a mapping of keys, not {entry!r}")
+                raise ConfigError(f"device {_SHORT.repr(name)} must be a mapping of keys, not {_SHORT.repr(entry)}")
             if "name" in entry and entry["name"] != name:
-                raise ConfigError(f"device {name!r}: key 'name' has value {entry['name']!r}; drop it or make it match")
+                raise ConfigError(f"device {_SHORT.repr(name)}: key 'name' has value {_SHORT.repr(entry['name'])}; drop it or make it match")
             entries.append({**entry, "name": name})
     else:
         raise ConfigError(f"expected a list or mapping of devices, not {type(data).__name__}")
@@ -145,21 +154,21 @@ def _device_entries(data: Any) -> list[dict[str, Any]]:
         raise ConfigError("no devices are listed; list at least one")
     for entry in entries:
         if not isinstance(entry, Mapping):
-            raise ConfigError(f"every device must be a mapping of keys, not {entry!r}")
+            raise ConfigError(f"every device must be a mapping of keys, not {_SHORT.repr(entry)}")
     return entries
 
 
 def _parse_device(entry: Mapping[str, Any]) -> tuple[DeviceProfile, Mapping[str, Any]]:
     if "name" not in entry:
-        raise ConfigError(f"a device has no 'name' key: {dict(entry)!r}")
+        raise ConfigError(f"a device has no 'name' key: {_SHORT.repr(dict(entry))}")
     name = entry["name"]
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"key 'name' has value {name!r}; a device name must be a non-empty string")
+        raise ConfigError(f"key 'name' has value {_SHORT.repr(name)}; a device name must be a non-empty string")
     where = f"device {name!r}"
     for key in entry:
         if key not in DEVICE_KEYS:
             known = ", ".join(DEVICE_KEYS)
-            raise ConfigError(f"{where}: unknown key {key!r} with value {entry[key]!r}; known keys: {known}")
+            raise ConfigError(f"{where}: unknown key {_SHORT.repr(key)} with value {_SHORT.repr(entry[key])}; known keys: {known}")
     for key in ("speed", "memory"):
         if key not in entry:
             raise ConfigError(f"{where}: key {key!r} is missing")
@@ -183,7 +192,7 @@ def _parse_device(entry: Mapping[str, Any]) -> tuple[DeviceProfile, Mapping[str,
 
     links = entry.get("links") or {}
     if not isinstance(links, Mapping):
-        raise ConfigError(f"{where}: key 'links' has value {links!r}; it must map peer names to links")
+        raise ConfigError(f"{where}: key 'links' has value {_SHORT.repr(links)}; it must map peer names to links")
     device = DeviceProfile(name=name, speed=speed, memory_bytes=memory, **watts)
     return device, links
 
@@ -191,11 +200,11 @@ def _parse_device(entry: Mapping[str, Any]) -> tuple[DeviceProfile, Mapping[str,
 def _parse_link(source: str, target: str, link: Any) -> LinkProfile:
     where = f"device {source!r}: link to {target!r}"
     if not isinstance(link, Mapping):
-        raise ConfigError(f"{where} has value {link!r}; it must be a mapping with bandwidth and latency")
+        raise ConfigError(f"{where} has value {_SHORT.repr(link)}; it must be a mapping with bandwidth and latency")
     for key in link:
         if key not in LINK_KEYS:
             known = ", ".join(LINK_KEYS)
-            raise ConfigError(f"{where}: unknown key {key!r} with value {link[key]!r}; known keys: {known}")
+            raise ConfigError(f"{where}: unknown key {_SHORT.repr(key)} with value {_SHORT.repr(link[key])}; known keys: {known}")
     for key in LINK_KEYS:
         if key not in link:
             raise ConfigError(f"{where}: key {key!r} is missing")
@@ -216,7 +225,7 @@ def parse_bytes(value: Any, *, where: str = "", key: str = "memory") -> int:
     unit = unit or "B"
     if unit not in _BYTE_UNITS:
         raise _invalid(where, key, value, f"use bytes or a unit of {', '.join(_BYTE_UNITS)}")
-    size = number * _BYTE_UNITS[unit]
+    size = _finite(number * _BYTE_UNITS[unit], value, where, key)
     if size < 0:
         raise _invalid(where, key, value, "it must not be negative")
     return int(size)
@@ -231,7 +240,7 @@ def parse_bandwidth(value: Any, *, where: str = "", key: str = "bandwidth") -> f
     if scale is None:
         units = ", ".join(f"{name}/s" for name in [*_BYTE_UNITS, *_BIT_UNITS])
         raise _invalid(where, key, value, f"use bytes per second or a unit of {units}")
-    bandwidth = number * scale
+    bandwidth = _finite(number * scale, value, where, key)
     if bandwidth <= 0:
         raise _invalid(where, key, value, "it must be positive")
     return bandwidth
@@ -251,7 +260,7 @@ def parse_seconds(value: Any, *, where: str = "", key: str = "latency") -> float
 def _quantity(value: Any, where: str, key: str) -> tuple[float, str]:
     """Split a number with an optional unit; the unit of a bare number is ""."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _finite(float(value), value, where, key), ""
+        return _finite(_float(value, where, key), value, where, key), ""
     match = _QUANTITY.match(value) if isinstance(value, str) else None
     if match is None:
         raise _invalid(where, key, value, "it must be a number with an optional unit")
@@ -261,7 +270,14 @@ def _quantity(value: Any, where: str, key: str) -> tuple[float, str]:
 def _number(value: Any, where: str, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(where, key, value, "it must be a number")
-    return _finite(float(value), value, where, key)
+    return _finite(_float(value, where, key), value, where, key)
+
+
+def _float(value: int | float, where: str, key: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise _invalid(where, key, value, "it must be finite") from None
 
 
 def _finite(number: float, value: Any, where: str, key: str) -> float:
@@ -272,4 +288,4 @@ def _finite(number: float, value: Any, where: str, key: str) -> float:
 
 def _invalid(where: str, key: str, value: Any, advice: str) -> ConfigError:
     prefix = f"{where}: " if where else ""
-    return ConfigError(f"{prefix}key {key!r} has invalid value {value!r}; {advice}")
+    return ConfigError(f"{prefix}key {key!r} has invalid value {_SHORT.repr(value)}; {advice}")
