@@ -17,9 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from homesplit.errors import ConfigError, FrameError, LinkError, PeerRejectedError, PeerTimeoutError
@@ -32,6 +35,13 @@ logger = logging.getLogger(__name__)
 
 _HELLO_LIMITS = FrameLimits(max_payload_bytes=4096, max_ndim=1, max_parts=1)
 _HANDSHAKE_SECONDS = 10.0
+# Handshakes that the listener runs at once. Further connections wait in the
+# kernel's listen backlog until a handshake ends, so a flood of idle
+# connections costs a bounded number of threads.
+_MAX_HANDSHAKES = 16
+# Longest wait for one listener.accept call, so the accept loop collects
+# finished handshakes at least this often.
+_ACCEPT_POLL_SECONDS = 0.02
 
 
 @dataclass(frozen=True)
@@ -129,11 +139,27 @@ def _parse_hello(frame: Frame, peer: str) -> dict:
         raise PeerRejectedError(f"{peer} sent a {frame.kind.name} frame before HELLO", peer=peer)
     try:
         hello = json.loads(frame.as_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
+        # A 4 KiB payload of "[" nests deeper than the JSON decoder's recursion limit.
         raise PeerRejectedError(f"{peer} sent a HELLO that is not JSON", peer=peer) from None
     if not isinstance(hello, dict):
         raise PeerRejectedError(f"{peer} sent a HELLO that is not a JSON object", peer=peer)
+    for key, kind in _HELLO_TYPES.items():
+        value = hello.get(key)
+        # bool is a subclass of int, and True == 1 would pass the identity check.
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise PeerRejectedError(
+                f"{peer} sent a HELLO whose {key!r} is {_short_repr(value)}, not a {kind.__name__}", peer=peer
+            )
     return hello
+
+
+_HELLO_TYPES = {"device": str, "stage": int, "household": str, "round": int, "channel": str, "session": str}
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 class TcpTransport:
@@ -233,7 +259,7 @@ class TcpTransport:
             sock = self._client_socket(raw, expect)
             sock.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
             write_frame(sock, Frame.text(FrameKind.HELLO, _hello_payload(local, channel, session)))
-            reply, _ = read_frame(sock, _HELLO_LIMITS, peer=peer)
+            reply, _ = read_frame(sock, _HELLO_LIMITS, peer=peer, deadline=deadline)
             self._check_hello(sock, _parse_hello(reply, peer), expect, peer)
             sock.settimeout(None)
             return sock
@@ -260,6 +286,7 @@ class TcpTransport:
         deadline = time.monotonic() + self.timeouts.connect
         channels: dict[str, socket.socket] = {}
         session: str | None = None
+        handshakes = _Handshakes(lambda raw, peer_addr: self._accept_one(raw, peer_addr, local, expect, deadline))
         try:
             while len(channels) < 2:
                 remaining = deadline - time.monotonic()
@@ -268,14 +295,9 @@ class TcpTransport:
                         f"{expect.describe()} did not connect within {self.timeouts.connect} s",
                         peer=expect.device,
                     )
-                listener.settimeout(remaining)
-                try:
-                    raw, addr = listener.accept()
-                except socket.timeout:
-                    continue
-                peer_addr = _format_address(addr)
-                accepted = self._accept_one(raw, peer_addr, local, expect, deadline)
+                accepted = handshakes.next_result()
                 if accepted is None:
+                    self._accept_pending(listener, handshakes, min(remaining, _ACCEPT_POLL_SECONDS))
                     continue
                 sock, hello = accepted
                 if session is None:
@@ -291,21 +313,38 @@ class TcpTransport:
             for sock in channels.values():
                 sock.close()
             raise
+        finally:
+            handshakes.close()
         logger.debug("Accepted %s", expect.describe())
         return SocketLink(
             channels["up"], channels["down"], peer=f"{expect.device}", limits=self.limits, timeouts=self.timeouts
         )
 
+    @staticmethod
+    def _accept_pending(listener: socket.socket, handshakes: _Handshakes, wait: float) -> None:
+        """Accept one connection within `wait` seconds and start its handshake, if a slot is free."""
+        if handshakes.full():
+            time.sleep(wait)
+            return
+        listener.settimeout(wait)
+        try:
+            raw, addr = listener.accept()
+        except socket.timeout:
+            return
+        handshakes.start(raw, _format_address(addr))
+
     def _accept_one(
         self, raw: socket.socket, peer_addr: str, local: PeerIdentity, expect: PeerIdentity, deadline: float
     ) -> tuple[socket.socket, dict] | None:
+        # One handshake may take at most _HANDSHAKE_SECONDS in total, however
+        # slowly the peer sends, and never past the accept deadline.
+        handshake_deadline = min(time.monotonic() + _HANDSHAKE_SECONDS, deadline)
         _tune(raw)
-        raw.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
+        raw.settimeout(max(handshake_deadline - time.monotonic(), 0.1))
         sock = raw
         try:
             sock = self._server_socket(raw)
-            sock.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
-            frame, _ = read_frame(sock, _HELLO_LIMITS, peer=peer_addr)
+            frame, _ = read_frame(sock, _HELLO_LIMITS, peer=peer_addr, deadline=handshake_deadline)
             hello = _parse_hello(frame, peer_addr)
             self._check_hello(sock, hello, expect, peer_addr)
             if hello.get("channel") not in ("up", "down") or not isinstance(hello.get("session"), str):
@@ -321,6 +360,69 @@ class TcpTransport:
                 except OSError:
                     pass
             return None
+
+
+class _Handshakes:
+    """Server-side handshakes of accepted connections, each in its own thread.
+
+    A connection that sends its HELLO slowly, or never, then holds up only its
+    own thread, and the listener keeps accepting the expected peer.
+
+    Parameters
+    ----------
+    handshake : callable
+        ``handshake(raw, peer_addr)`` returns ``(socket, hello)`` or None if
+        it rejected the connection. It must end by its own deadline.
+    """
+
+    def __init__(self, handshake: Callable[[socket.socket, str], tuple[socket.socket, dict] | None]) -> None:
+        self._handshake = handshake
+        self._results: queue.Queue[tuple[socket.socket, dict]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._running = 0
+        self._closed = False
+
+    def full(self) -> bool:
+        """Return True if `_MAX_HANDSHAKES` handshakes are running."""
+        with self._lock:
+            return self._running >= _MAX_HANDSHAKES
+
+    def start(self, raw: socket.socket, peer_addr: str) -> None:
+        """Run the handshake of the accepted socket `raw` in a new thread."""
+        with self._lock:
+            self._running += 1
+        thread = threading.Thread(target=self._run, args=(raw, peer_addr), name=f"homesplit-hello-{peer_addr}", daemon=True)
+        thread.start()
+
+    def next_result(self) -> tuple[socket.socket, dict] | None:
+        """Return a completed handshake, or None if none has completed yet."""
+        try:
+            return self._results.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Close every completed handshake not taken, and those that complete later."""
+        with self._lock:
+            self._closed = True
+        while (accepted := self.next_result()) is not None:
+            accepted[0].close()
+
+    def _run(self, raw: socket.socket, peer_addr: str) -> None:
+        accepted = None
+        try:
+            accepted = self._handshake(raw, peer_addr)
+        except Exception:
+            logger.exception("Handshake with %s failed unexpectedly", peer_addr)
+            raw.close()
+        finally:
+            with self._lock:
+                self._running -= 1
+                keep = accepted is not None and not self._closed
+                if keep:
+                    self._results.put(accepted)
+            if accepted is not None and not keep:
+                accepted[0].close()
 
 
 def _reason(exc: BaseException) -> str:
