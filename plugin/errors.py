@@ -65,7 +65,7 @@ class PeerTimeoutError(LinkError):
 
 
 class PeerAbortedError(LinkError):
-    """The peer stopped on an error of its own and said so before closing."""
+    """The peer stopped on an error of its own and reported it before closing."""
 
 
 class PeerRejectedError(LinkError):

@@ -46,7 +46,7 @@ _ACCEPT_POLL_SECONDS = 0.02
 
 @dataclass(frozen=True)
 class PeerIdentity:
-    """Who a stage is: the facts that HELLO frames carry and verify.
+    """Identity of a stage: the facts that HELLO frames carry and verify.
 
     Parameters
     ----------
@@ -198,8 +198,8 @@ class TcpTransport:
         if proven is not None and claimed != proven:
             raise PeerRejectedError(f"{peer} proved device {proven!r} but its HELLO claims {claimed!r}", peer=peer)
         actual = (claimed, hello.get("stage"), hello.get("household"), hello.get("round"))
-        wanted = (expect.device, expect.stage, expect.household, expect.round)
-        if actual != wanted:
+        expected = (expect.device, expect.stage, expect.household, expect.round)
+        if actual != expected:
             raise PeerRejectedError(
                 f"{peer} is device={actual[0]!r} stage={actual[1]!r} household={actual[2]!r} round={actual[3]!r}, "
                 f"but the plan expects {expect.describe()} in round {expect.round}",
@@ -255,9 +255,12 @@ class TcpTransport:
         _tune(raw)
         peer = f"{expect.device}@{address}"
         sock = raw
+        # The peer may still be starting and not yet accepting, so the dialer
+        # waits for its handshake until the connect deadline, not a fixed time.
+        raw.settimeout(max(deadline - time.monotonic(), 0.1))
         try:
             sock = self._client_socket(raw, expect)
-            sock.settimeout(min(_HANDSHAKE_SECONDS, max(deadline - time.monotonic(), 0.1)))
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
             write_frame(sock, Frame.text(FrameKind.HELLO, _hello_payload(local, channel, session)))
             reply, _ = read_frame(sock, _HELLO_LIMITS, peer=peer, deadline=deadline)
             self._check_hello(sock, _parse_hello(reply, peer), expect, peer)
