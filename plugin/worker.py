@@ -174,6 +174,8 @@ def _run_one(job: PipelineJob, args: argparse.Namespace, transport, listener, we
         report["error"] = f"{type(exc).__name__}: {exc}"
         code = 1
     report["seconds"] = time.perf_counter() - start
+    # Wall-clock time, so that a parent can compare when each stage stopped.
+    report["finished_at"] = time.time()
     report["peak_rss_bytes"] = _peak_rss_bytes()
     Path(f"{out}.json").write_text(json.dumps(report))
     return code

@@ -26,7 +26,8 @@ def long_job() -> PipelineJob:
         example_shape=[1, 32],
         cuts=["4", "8"],
         data="homesplit.datasets:random_classification",
-        data_kwargs={"steps": 100000, "batch_size": 64},
+        # About 15 s of training on two idle cores; the data is built up front, so keep it small.
+        data_kwargs={"steps": 3000, "batch_size": 64},
         num_microbatches=4,
         devices=["phone", "laptop", "tv"],
     )
@@ -50,7 +51,7 @@ def test_killed_stage_stops_the_others(tmp_path):
         def run():
             wait_for_text(tmp_path / "stage1.log", "Accepted", 60)
             time.sleep(1.0)  # well inside training
-            killed["at"] = time.monotonic()
+            killed["at"] = time.time()
             os.kill(processes[1].pid, signal.SIGKILL)
 
         threading.Thread(target=run, daemon=True).start()
@@ -65,14 +66,14 @@ def test_killed_stage_stops_the_others(tmp_path):
             extra_env={"HOMESPLIT_LOG_LEVEL": "DEBUG"},
             started=kill_middle,
         )
-    finished = time.monotonic()
     reports = {r["stage"]: r for r in failure.value.reports}
     assert reports[1]["returncode"] == -signal.SIGKILL
     for survivor in (0, 2):
         assert reports[survivor]["returncode"] == 1
         assert "laptop" in reports[survivor]["error"], reports[survivor]["error"]
-    # Everything is down well within the silence deadline plus process teardown.
-    assert finished - killed["at"] < 5.0 + 10.0
+        # A killed peer closes its sockets, so survivors stop well before the 5 s silence deadline.
+        stopped_after = reports[survivor]["finished_at"] - killed["at"]
+        assert stopped_after < 5.0, f"stage {survivor} stopped {stopped_after:.1f} s after the kill"
 
 
 @pytest.mark.slow
