@@ -1,8 +1,8 @@
 """The ``homesplit`` command line.
 
-Each subcommand lives in its own module, which defines
-``register(subparsers)``; the parser it adds sets ``handler`` to a function
-that takes the parsed arguments and returns an exit code.
+Each subcommand lives in its own module, listed in `_COMMANDS`. The module
+defines ``register(subparsers)``, and the parser it adds sets ``handler`` to
+a function that takes the parsed arguments and returns an exit code.
 """
 
 from __future__ import annotations
@@ -18,17 +18,32 @@ from homesplit.errors import HomesplitError
 
 __all__ = ["build_parser", "main"]
 
-# Modules that add subcommands, in the order `--help` lists them.
-_COMMAND_MODULES: tuple[str, ...] = (
-    "homesplit.cli_run",
-    "homesplit.cli_sweep",
-    "homesplit.cli_household",
-    "homesplit.cli_plan",
+# Subcommands in the order `--help` lists them: name, module, one-line help.
+# Only the module of the invoked subcommand is imported, because some of them
+# load torch and Opacus, which takes seconds on a small device.
+_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("run", "homesplit.cli_run", "run an experiment: a local Flower federation of households on loopback"),
+    ("sweep", "homesplit.cli_sweep", "run an experiment once per privacy budget and seed; accuracy against epsilon"),
+    ("household", "homesplit.cli_household", "create the household CA, enroll, list and revoke devices"),
+    ("plan", "homesplit.cli_plan", "plan where to cut a model and which device runs each segment"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every registered subcommand."""
+def _invoked_command(argv: Sequence[str]) -> str | None:
+    names = {name for name, _, _ in _COMMANDS}
+    return next((arg for arg in argv if arg in names), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments about to be parsed. Only the subcommand named there gets
+        its full parser; the others are listed by name and help alone. With
+        None, every subcommand gets its full parser.
+    """
     parser = argparse.ArgumentParser(
         prog="homesplit",
         description=(
@@ -44,15 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level of homesplit's own messages (default: INFO)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    invoked = None if argv is None else _invoked_command(argv)
+    for name, module, summary in _COMMANDS:
+        if argv is None or name == invoked:
+            importlib.import_module(module).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
     handler = getattr(args, "handler", None)
     if handler is None:

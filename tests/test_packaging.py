@@ -58,3 +58,18 @@ def test_core_never_imports_flower():
     code = "import sys, homesplit.local, homesplit.stage, homesplit.partition, homesplit.cli; print('flwr' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_help_imports_no_torch():
+    # --help must stay fast on a Raspberry Pi, where importing torch takes seconds.
+    code = "import sys, homesplit.cli; homesplit.cli.build_parser(['--help']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_every_subcommand_registers():
+    from homesplit.cli import build_parser
+
+    help_text = build_parser().format_help()
+    for name in ("run", "sweep", "household", "plan"):
+        assert name in help_text
