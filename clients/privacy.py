@@ -97,7 +97,7 @@ def owner_round_privacy(
     ------
     PrivacyError
         If the message's settings differ from the run config's, for example a
-        smaller sigma or no DP where the household asks for it.
+        smaller sigma, or no DP where the run config sets DP for the household.
     """
     settings = settings_for(decode_run_config(run_config.get("privacy", "")), household)
     own = None
@@ -146,7 +146,7 @@ def private_batches(
 
     The sampling seed comes from the operating system, not from the run's
     seed: the accountant's amplification by sampling assumes that no one
-    outside the household knows which examples each step used.
+    outside the household can tell which examples each step used.
     """
     generator = torch.Generator().manual_seed(secrets.randbits(63))
     return poisson_batches(

@@ -124,12 +124,12 @@ class DPHomesplitStrategy(HomesplitStrategy):
         replies = list(replies)
         sent = self._sent()
         declined = self._declined(server_round, replies, sent)
-        kept = [r for r in replies if sent.get(r.metadata.reply_to_message_id, ("",))[0] not in declined]
+        remaining = [r for r in replies if sent.get(r.metadata.reply_to_message_id, ("",))[0] not in declined]
         self._plans = {h: p for h, p in self._plans.items() if h not in declined}
-        arrays, metrics = super().aggregate_train(server_round, kept)
+        arrays, metrics = super().aggregate_train(server_round, remaining)
 
         trained = set(self.round_records[server_round]["households_trained"])
-        self._record_spending(server_round, kept, sent, trained)
+        self._record_spending(server_round, remaining, sent, trained)
         self.round_records[server_round]["households_declined"] = sorted(declined)
         if metrics is not None and self.privacy_records.get(server_round):
             spent = [r["epsilon"] for r in self.privacy_records[server_round].values() if r["status"] == "ok"]
