@@ -225,3 +225,15 @@ def test_dp_example_experiment_is_valid():
     chosen = household_privacy(experiment.config)
     assert sorted(chosen) == ["household-a", "household-b", "household-c"]
     assert all(settings["target-epsilon"] == 8.0 for settings in chosen.values())
+
+
+def test_household_mode_counts_one_step(tmp_path):
+    settings = {"mode": "household", "target-epsilon": 50.0, "noise-multiplier": 1.0, "sample-rate": 0.5}
+    app, plan = _app(), _plan(["laptop"])
+    context = _context("laptop", tmp_path, settings, holds_data=True)
+    reply = app(_train_message(plan, 0, 1, _round_privacy(settings)), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content.metric_records[METRICS]
+    assert metrics["privacy-steps"] == 1
+    assert metrics["privacy-sample-rate"] == 0.5
+    assert metrics["privacy-epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.5, 1)], delta=1e-5))
