@@ -35,6 +35,7 @@ from homesplit.errors import ConfigError, LinkError
 from homesplit.household_plan import HouseholdPlan
 from homesplit.link import LinkTimeouts
 from homesplit.minibatches import minibatches, round_seed
+from homesplit.planner.benchmark import measure_matmul_flops
 from homesplit.privacy.accounting import PrivacyBudget
 from homesplit.records import ARRAYS, CONFIG, DEVICE, METRICS, PLAN
 
@@ -46,6 +47,10 @@ logger = logging.getLogger(__name__)
 _CLIENT_APP_RAISED_EXCEPTION = 2
 
 _DEFAULT_OPTIMIZER = {"name": "SGD", "lr": 0.05}
+
+# The defaults of measure_matmul_flops, which profile_model uses for the reference device.
+_BENCHMARK_SIZE = 256
+_BENCHMARK_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,12 @@ def device_app(
                 "num-examples": num_examples,
                 "memory-bytes": int(psutil.virtual_memory().available),
                 "cpu-count": os.cpu_count() or 1,
+                "flops-per-second": _self_benchmark(device.threads),
             }
         )
+        if device.idle_watts is not None and device.busy_watts is not None:
+            record["idle-watts"] = device.idle_watts
+            record["busy-watts"] = device.busy_watts
         return Message(RecordDict({DEVICE: record}), reply_to=msg)
 
     def handle(msg: Message, context: Context, kind: str) -> Message:
@@ -142,6 +151,20 @@ def device_app(
         return handle(msg, context, "evaluate")
 
     return app
+
+
+def _self_benchmark(threads: int) -> float:
+    """Measure matrix-multiply FLOP/s with the torch threads that this device's stages use.
+
+    The matrix size and duration match the reference measurement of
+    `homesplit.planner.profile.profile_model`, so the planner compares like with like.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return measure_matmul_flops(size=_BENCHMARK_SIZE, min_seconds=_BENCHMARK_SECONDS)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_data, loss, context) -> tuple[StageOutcome, int]:

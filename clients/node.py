@@ -26,6 +26,9 @@ Node config keys, set with ``flower-supernode --node-config '...'``:
     Where port-0 listeners publish their ports.
 ``threads`` (int, default 1)
     torch intra-op threads of the stage.
+``idle-watts``, ``busy-watts`` (float, optional)
+    Power draw of the device while waiting and while computing, in watts.
+    Give both or neither; the energy objective of the planner needs them.
 
 In Flower's simulation engine the node config only has ``partition-id`` and
 ``num-partitions``. Then the run config key ``household-layout`` (see
@@ -36,6 +39,7 @@ one bundle per ``HOUSEHOLD/DEVICE``, listeners use port 0, and
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -51,7 +55,7 @@ __all__ = ["DeviceConfig", "read_device_config"]
 
 _KNOWN_KEYS = {
     "household", "device", "listen", "advertise", "bundle", "insecure-links", "holds-data",
-    "partition-id", "num-partitions", "rendezvous-dir", "threads",
+    "partition-id", "num-partitions", "rendezvous-dir", "threads", "idle-watts", "busy-watts",
 }  # fmt: skip
 
 
@@ -61,6 +65,7 @@ class DeviceConfig:
 
     Attributes mirror the node config keys in this module's docstring;
     `simulated` is True when they were derived from a simulation partition id.
+    `idle_watts` and `busy_watts` are None when the node config has no power figures.
     `node_config` and `run_config` are Flower's, for the app's data loader.
     """
 
@@ -78,6 +83,8 @@ class DeviceConfig:
     simulated: bool
     node_config: Mapping[str, Any]
     run_config: Mapping[str, Any]
+    idle_watts: float | None = None
+    busy_watts: float | None = None
 
 
 def _flag(value: Any, key: str) -> bool:
@@ -115,6 +122,7 @@ def read_device_config(node_config: Mapping[str, Any], run_config: Mapping[str, 
     if not insecure and not bundle:
         raise ConfigError("node config key 'bundle' is missing; pass the device bundle folder, or insecure-links=true for tests")
     listen = str(node_config["listen"])
+    idle_watts, busy_watts = _power(node_config)
     return DeviceConfig(
         household=validate_name(str(node_config["household"]), "node config household"),
         device=validate_name(str(node_config["device"]), "node config device"),
@@ -130,7 +138,31 @@ def read_device_config(node_config: Mapping[str, Any], run_config: Mapping[str, 
         simulated=False,
         node_config=dict(node_config),
         run_config=dict(run_config),
+        idle_watts=idle_watts,
+        busy_watts=busy_watts,
     )
+
+
+def _power(node_config: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """Read ``idle-watts`` and ``busy-watts``: both or neither, finite, at least 0, busy not below idle."""
+    watts: dict[str, float | None] = {}
+    for key in ("idle-watts", "busy-watts"):
+        if key not in node_config:
+            watts[key] = None
+            continue
+        try:
+            value = float(node_config[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"node config {key}={node_config[key]!r} is not a number of watts") from None
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"node config {key}={node_config[key]!r} is invalid; it must be a finite number of watts, at least 0")
+        watts[key] = value
+    idle, busy = watts["idle-watts"], watts["busy-watts"]
+    if (idle is None) != (busy is None):
+        raise ConfigError("node config gives only one of idle-watts and busy-watts; give both or neither")
+    if idle is not None and busy < idle:
+        raise ConfigError(f"node config busy-watts={busy} is below idle-watts={idle}; busy power includes idle power")
+    return idle, busy
 
 
 def _optional_int(config: Mapping[str, Any], key: str) -> int | None:

@@ -77,7 +77,15 @@ def _device_info(node_id: int, record: ConfigRecord) -> DeviceInfo:
         num_examples=int(record["num-examples"]),
         memory_bytes=int(record["memory-bytes"]),
         cpu_count=int(record["cpu-count"]),
+        flops_per_second=_optional_float(record, "flops-per-second"),
+        idle_watts=_optional_float(record, "idle-watts"),
+        busy_watts=_optional_float(record, "busy-watts"),
     )
+
+
+def _optional_float(record: ConfigRecord, key: str) -> float | None:
+    """Return a key that older devices do not send, or None when it is absent."""
+    return float(record[key]) if key in record else None
 
 
 def group_households(devices: Iterable[DeviceInfo]) -> dict[str, list[DeviceInfo]]:
