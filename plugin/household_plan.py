@@ -2,8 +2,8 @@
 
 `plan_household` is the small interface between the Flower strategy and
 whatever chooses the cuts. This version balances parameter counts with
-`homesplit.partition.even_cuts`; the profile-driven planner in
-`homesplit.planner` can replace it behind the same signature.
+`homesplit.partition.even_cuts`. `homesplit.profiled_plan.plan_household_profiled`
+uses the profile-driven planner of `homesplit.planner` behind the same signature.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from homesplit.errors import PlanError
 from homesplit.partition import candidate_cuts, even_cuts
 from homesplit.schedule import SCHEDULES
 
-__all__ = ["DeviceInfo", "HouseholdPlan", "StageAssignment", "plan_household"]
+__all__ = ["DeviceInfo", "HouseholdPlan", "StageAssignment", "data_owner", "plan_household"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,12 @@ class DeviceInfo:
         Memory available for training, in bytes (0 when unknown).
     cpu_count : int
         Logical CPUs of the device.
+    flops_per_second : float or None, default None
+        Float32 matrix-multiply throughput of the device's self-benchmark, in
+        FLOP/s; None when the device sent none (replies of older versions).
+    idle_watts, busy_watts : float or None, default None
+        Power draw while waiting and while computing, in watts, from the
+        device's node config; None when not configured.
     """
 
     household: str
@@ -57,6 +63,9 @@ class DeviceInfo:
     num_examples: int = 0
     memory_bytes: int = 0
     cpu_count: int = 1
+    flops_per_second: float | None = None
+    idle_watts: float | None = None
+    busy_watts: float | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,24 @@ class HouseholdPlan:
         return cls(**raw)
 
 
+def data_owner(devices: Sequence[DeviceInfo]) -> DeviceInfo:
+    """Return the household's data owner, the one device with ``holds_data``.
+
+    Raises
+    ------
+    PlanError
+        If no device or more than one holds data.
+    """
+    household = devices[0].household if devices else "?"
+    owners = [d for d in devices if d.holds_data]
+    if len(owners) != 1:
+        raise PlanError(
+            f"household {household} has {len(owners)} data owners ({[d.device for d in owners]}); "
+            "set holds-data=true in the node config of exactly one of its devices"
+        )
+    return owners[0]
+
+
 def plan_household(
     devices: Sequence[DeviceInfo],
     *,
@@ -160,14 +187,8 @@ def plan_household(
     """
     if schedule not in SCHEDULES:
         raise PlanError(f"schedule={schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
-    household = devices[0].household if devices else "?"
-    owners = [d for d in devices if d.holds_data]
-    if len(owners) != 1:
-        raise PlanError(
-            f"household {household} has {len(owners)} data owners ({[d.device for d in owners]}); "
-            "set holds-data=true in the node config of exactly one of its devices"
-        )
-    owner = owners[0]
+    owner = data_owner(devices)
+    household = owner.household
     others = sorted((d for d in devices if d is not owner), key=lambda d: (-d.memory_bytes, d.device))
 
     limit = len(devices) if max_stages is None else min(max_stages, len(devices))

@@ -9,12 +9,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch import nn
 
-from homesplit.errors import HomesplitError
+from homesplit.errors import HomesplitError, PlanError
 from homesplit.household_plan import DeviceInfo, HouseholdPlan, plan_household
 from homesplit.partition import split_model
 from homesplit.records import ARRAYS, CONFIG, PLAN
 
-__all__ = ["PlanFn", "plan_households", "segment_names", "stage_messages"]
+__all__ = ["PlanFn", "plan_households", "plan_one", "segment_names", "stage_messages"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,37 +43,72 @@ def plan_households(
         inputs = example_inputs()
     plans = {}
     for household, devices in households.items():
-        names = [d.device for d in devices]
-        if not any(d.holds_data for d in devices):
-            logger.warning(
-                "Household %s skipped: none of its devices %s holds data; set holds-data=true on its data owner",
-                household, names,
-            )  # fmt: skip
-            continue
-        if len(devices) < min_devices:
-            logger.warning(
-                "Household %s skipped: it has %d devices %s, fewer than min_household_devices=%d",
-                household, len(devices), names, min_devices,
-            )  # fmt: skip
-            continue
         try:
-            plan = plan_fn(
+            plans[household] = plan_one(
                 devices,
                 model=model,
                 example_inputs=inputs,
+                min_devices=min_devices,
                 max_stages=max_stages,
                 num_microbatches=num_microbatches,
                 schedule=schedule,
+                plan_fn=plan_fn,
             )
         except HomesplitError as exc:
             logger.warning("Household %s skipped: %s", household, exc)
-            continue
-        plans[household] = plan
-        logger.info(
-            "Household %s: %d stages %s, cuts %s, %d examples",
-            household, plan.num_stages, plan.devices, plan.cuts, plan.num_examples,
-        )  # fmt: skip
     return plans
+
+
+def plan_one(
+    devices: Sequence[DeviceInfo],
+    *,
+    model: nn.Module,
+    example_inputs: tuple,
+    min_devices: int,
+    max_stages: int | None,
+    num_microbatches: int,
+    schedule: str,
+    plan_fn: PlanFn = plan_household,
+) -> HouseholdPlan:
+    """Plan one household with `plan_fn` and log the plan at INFO.
+
+    Parameters
+    ----------
+    devices : sequence of DeviceInfo
+        The devices of one household.
+    model : nn.Module
+        The full model on the ``meta`` device.
+    example_inputs : tuple
+        The model's inputs for a batch of one, on the ``meta`` device.
+    min_devices, max_stages, num_microbatches, schedule, plan_fn
+        As in `plan_households`.
+
+    Raises
+    ------
+    PlanError
+        If no device holds data or there are fewer than `min_devices` devices.
+    HomesplitError
+        Whatever `plan_fn` raises, such as a `PlanError` when no plan fits.
+    """
+    household = devices[0].household if devices else "?"
+    names = [d.device for d in devices]
+    if not any(d.holds_data for d in devices):
+        raise PlanError(f"none of its devices {names} holds data; set holds-data=true on its data owner")
+    if len(devices) < min_devices:
+        raise PlanError(f"it has {len(devices)} devices {names}, fewer than min_household_devices={min_devices}")
+    plan = plan_fn(
+        devices,
+        model=model,
+        example_inputs=example_inputs,
+        max_stages=max_stages,
+        num_microbatches=num_microbatches,
+        schedule=schedule,
+    )
+    logger.info(
+        "Household %s: %d stages %s, cuts %s, %d examples",
+        household, plan.num_stages, plan.devices, plan.cuts, plan.num_examples,
+    )  # fmt: skip
+    return plan
 
 
 def segment_names(plan: HouseholdPlan, model_fn: Callable[[], nn.Module], example_inputs: Callable[[], tuple]) -> list[list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -15,14 +16,20 @@ from torch import nn
 
 from homesplit.errors import ConfigError
 from homesplit.household_plan import DeviceInfo, HouseholdPlan, plan_household
+from homesplit.planner.plan import OBJECTIVES
+from homesplit.profiled_plan import plan_household_profiled
 from homesplit.schedule import SCHEDULES
 from homesplit.strategies.aggregation import HouseholdOutcome, average_by_name, collect_outcomes
 from homesplit.strategies.discovery import discover_devices, group_households, wait_for_nodes
-from homesplit.strategies.planning import PlanFn, plan_households, segment_names, stage_messages
+from homesplit.strategies.planning import PlanFn, segment_names, stage_messages
+from homesplit.strategies.replanning import HouseholdPlanner
 
-__all__ = ["HomesplitStrategy"]
+__all__ = ["HomesplitStrategy", "PLANNERS"]
 
 logger = logging.getLogger(__name__)
+
+PLANNERS = ("balanced", *OBJECTIVES)
+"""Values of `HomesplitStrategy`'s ``planner`` option."""
 
 
 class HomesplitStrategy(Strategy):
@@ -34,6 +41,14 @@ class HomesplitStrategy(Strategy):
     that count are averaged per parameter name, weighted by the household's
     examples. Start it like FedAvg: ``strategy.start(grid=grid,
     initial_arrays=ArrayRecord(model.state_dict()), num_rounds=...)``.
+
+    A household keeps its plan while the same devices (names and node ids)
+    take part, and is planned again when one joins or leaves. A device
+    whose stage failed in the previous round is left out of the household's
+    next plan, with a WARNING, unless the household cannot be planned
+    without it. When a stage dies, its neighbours fail with link errors, so
+    only the devices that failed with another error or sent no reply are
+    left out. If every failure is a link error, all failing devices are.
 
     Parameters
     ----------
@@ -71,8 +86,23 @@ class HomesplitStrategy(Strategy):
         Seconds to wait for the discovery replies.
     nodes_timeout : float, default 300.0
         Seconds to wait for `min_available_nodes` nodes to connect.
-    plan_fn : callable, default `homesplit.household_plan.plan_household`
-        Planner with `plan_household`'s signature.
+    planner : {"balanced", "time", "energy"}, default "balanced"
+        How households are cut. "balanced" balances parameter counts
+        (`homesplit.household_plan.plan_household`). "time" and "energy" run
+        the profile-driven planner (`homesplit.profiled_plan`) on the speed,
+        memory and power figures of the discovery replies, minimising step
+        time or energy per sample. The server then profiles the model once
+        on its CPU, with real weights from `model_fn`. A household with a
+        device that sent no speed figure gets the balanced plan, and one
+        without power figures on every device is planned for time.
+    batch_size : int, default 32
+        Samples per mini-batch that the "time" and "energy" planners assume;
+        set it to the train config's ``batch-size``. A different
+        ``batch-size`` in the train config is logged as a WARNING.
+    plan_fn : callable or None, default None
+        Planner with `plan_household`'s signature; None takes the one that
+        `planner` names. Give `plan_fn` or a `planner` other than "balanced",
+        not both.
     seed : int, default 0
         Seed of household sampling.
     """
@@ -94,7 +124,9 @@ class HomesplitStrategy(Strategy):
         weighted_by_key: str = "num-examples",
         discovery_timeout: float = 120.0,
         nodes_timeout: float = 300.0,
-        plan_fn: PlanFn = plan_household,
+        planner: str = "balanced",
+        batch_size: int = 32,
+        plan_fn: PlanFn | None = None,
         seed: int = 0,
     ) -> None:
         for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
@@ -104,6 +136,12 @@ class HomesplitStrategy(Strategy):
             raise ConfigError(f"schedule={schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
         if num_microbatches < 1:
             raise ConfigError(f"num_microbatches={num_microbatches} must be at least 1")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be at least 1")
+        if plan_fn is None:
+            plan_fn = _planner_fn(planner, model_fn=model_fn, batch_size=batch_size)
+        elif planner != "balanced":
+            raise ConfigError(f"planner={planner!r} and plan_fn are both given; pass only one of them")
         self.model_fn = model_fn
         self.example_inputs = example_inputs
         self.fraction_train = fraction_train
@@ -118,7 +156,16 @@ class HomesplitStrategy(Strategy):
         self.weighted_by_key = weighted_by_key
         self.discovery_timeout = discovery_timeout
         self.nodes_timeout = nodes_timeout
+        self.planner = planner
+        self.batch_size = batch_size
         self.plan_fn = plan_fn
+        self._household_planner = HouseholdPlanner(
+            plan_fn=plan_fn,
+            min_devices=min_household_devices,
+            max_stages=max_stages,
+            num_microbatches=num_microbatches,
+            schedule=schedule,
+        )
         self._rng = random.Random(seed)
 
         self.devices: list[DeviceInfo] = []
@@ -128,6 +175,7 @@ class HomesplitStrategy(Strategy):
         self._plans: dict[str, HouseholdPlan] = {}
         self._outgoing: list[tuple[str, str, Message]] = []
         self._round_started = 0.0
+        self._warned_batch_sizes: set[int] = set()
 
         if fraction_train == 0.0:
             logger.warning("fraction_train is 0.0: federated training is skipped")
@@ -146,6 +194,7 @@ class HomesplitStrategy(Strategy):
             "  households: at least %d devices, at most %s stages; weighted by %r",
             self.min_household_devices, self.max_stages or "one per device", self.weighted_by_key,
         )  # fmt: skip
+        logger.info("  planner: %s", self.planner if self.planner == "balanced" else f"{self.planner}, batch size {self.batch_size}")
 
     # -- training -------------------------------------------------------------
 
@@ -155,6 +204,7 @@ class HomesplitStrategy(Strategy):
         self._arrays = arrays
         if self.fraction_train == 0.0:
             return []
+        self._check_batch_size(config)
         self._refresh_devices(grid)
         plans = self._sample(self._plan_all(), self.fraction_train, self.min_train_households, "training")
         return self._messages(plans, arrays, config, "train", server_round)
@@ -164,6 +214,7 @@ class HomesplitStrategy(Strategy):
         outcomes = collect_outcomes(
             self._plans, self._sent(), replies, weighted_by_key=self.weighted_by_key, server_round=server_round
         )
+        self._household_planner.record_failures({h: o.failures for h, o in outcomes.items()})
         trained = [o for o in outcomes.values() if o.succeeded]
         failed = sorted(h for h, o in outcomes.items() if not o.succeeded)
         seconds = time.monotonic() - self._round_started
@@ -212,6 +263,7 @@ class HomesplitStrategy(Strategy):
             self._plans, self._sent(), replies, weighted_by_key=self.weighted_by_key,
             server_round=server_round, expect_arrays=False,
         )  # fmt: skip
+        self._household_planner.record_failures({h: o.failures for h, o in outcomes.items()})
         evaluated = [o for o in outcomes.values() if o.succeeded]
         if not evaluated:
             return None
@@ -235,16 +287,22 @@ class HomesplitStrategy(Strategy):
         self._discovered_nodes = node_ids
 
     def _plan_all(self) -> dict[str, HouseholdPlan]:
-        return plan_households(
-            group_households(self.devices),
-            model_fn=self.model_fn,
-            example_inputs=self.example_inputs,
-            min_devices=self.min_household_devices,
-            max_stages=self.max_stages,
-            num_microbatches=self.num_microbatches,
-            schedule=self.schedule,
-            plan_fn=self.plan_fn,
+        """Plan every household, reusing plans whose devices did not change and leaving out failed devices."""
+        return self._household_planner.plan(
+            group_households(self.devices), model_fn=self.model_fn, example_inputs=self.example_inputs
         )
+
+    def _check_batch_size(self, config: ConfigRecord) -> None:
+        if self.planner == "balanced" or "batch-size" not in config:
+            return
+        configured = int(config["batch-size"])
+        if configured != self.batch_size and configured not in self._warned_batch_sizes:
+            self._warned_batch_sizes.add(configured)
+            logger.warning(
+                "The train config has batch-size=%d, but the %s planner assumes batch_size=%d; "
+                "pass batch_size=%d to HomesplitStrategy",
+                configured, self.planner, self.batch_size, configured,
+            )  # fmt: skip
 
     def _sample(self, plans: dict[str, HouseholdPlan], fraction: float, minimum: int, what: str) -> dict[str, HouseholdPlan]:
         count = min(len(plans), max(int(math.floor(len(plans) * fraction)), minimum))
@@ -269,6 +327,17 @@ class HomesplitStrategy(Strategy):
     def _sent(self) -> dict[str, tuple[str, str]]:
         """Map message id to (household, device); Flower assigns the ids when it pushes the messages."""
         return {m.metadata.message_id: (household, device) for household, device, m in self._outgoing}
+
+
+def _planner_fn(planner: str, *, model_fn: Callable[[], nn.Module], batch_size: int) -> PlanFn:
+    """Return the plan function that `planner` names."""
+    if planner == "balanced":
+        return plan_household
+    if planner in OBJECTIVES:
+        # NOTE: memory is planned for Adam's optimizer state whatever optimizer the train
+        # config names, which overestimates it for SGD, and every link is DEFAULT_LINK.
+        return functools.partial(plan_household_profiled, objective=planner, batch_size=batch_size, model_fn=model_fn)
+    raise ConfigError(f"planner={planner!r} is unknown; use one of {', '.join(PLANNERS)}")
 
 
 def _sum_metric(outcomes: Iterable[HouseholdOutcome], key: str) -> float:
