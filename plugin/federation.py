@@ -186,14 +186,17 @@ class LocalFederation:
         Folder in which the temporary working folder is created; None uses the
         system's temporary folder.
     keep_files : bool, default False
-        Keep the working folder (logs, certificates, Flower state) after a
-        clean stop; its path is logged. After a failure it is always kept.
+        Keep the whole working folder (logs, certificates with the
+        SuperLink's private key, Flower state) after the stop; its path is
+        logged. Without it, a clean stop deletes the folder, and a stop after
+        an error or an interrupt keeps it but deletes the private key.
     startup_timeout : float, default 60.0
         Seconds to wait for the SuperLink to accept connections and for every
         SuperNode to register.
     stop_timeout : float, default 10.0
-        Seconds each component may take to exit on SIGTERM before it and its
-        children get SIGKILL.
+        Seconds each component may take to exit on SIGTERM before it gets
+        SIGKILL. The programs that Flower starts get SIGKILL once they still
+        run 2 s after SIGTERM (`ProcessTracker.stop_all`).
     stop_on_supernode_exit : bool, default True
         If True, a SuperNode that exits during a run stops the federation and
         `run` raises `FederationError` naming it. If False, the exit is logged
@@ -262,8 +265,9 @@ class LocalFederation:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop(failed=exc_info[0] is not None)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.stop(failed=exc_type is not None, interrupted=interrupted)
 
     @property
     def flwr_home(self) -> Path:
@@ -313,8 +317,8 @@ class LocalFederation:
             deadline = started + self.startup_timeout
             self._start_superlink(deadline)
             self._start_supernodes(deadline)
-        except BaseException:
-            self.stop(failed=True)
+        except BaseException as exc:
+            self.stop(failed=True, interrupted=isinstance(exc, KeyboardInterrupt))
             raise
         self.startup_seconds = time.monotonic() - started
         logger.info(
@@ -373,18 +377,23 @@ class LocalFederation:
 
         try:
             return self._run(app_path, overrides, timeout, on_log)
-        except BaseException:
-            self.stop(failed=True)
+        except BaseException as exc:
+            self.stop(failed=True, interrupted=isinstance(exc, KeyboardInterrupt))
             raise
 
-    def stop(self, *, failed: bool = False) -> None:
+    def stop(self, *, failed: bool = False, interrupted: bool = False) -> None:
         """Stop every process started for this federation; safe to call twice.
 
         Parameters
         ----------
         failed : bool, default False
-            The caller stops after an error; the working folder with the logs
-            is then kept for inspection.
+            The caller stops after an error. The working folder with the
+            logs is then kept for inspection, without the SuperLink's private
+            key unless `keep_files` is set, and its path is logged.
+        interrupted : bool, default False
+            The caller stops because of an interrupt (Ctrl-C, or SIGTERM that
+            the caller turned into KeyboardInterrupt). The working folder is
+            kept as after an error, and the log message says interrupt.
         """
         if self._stopped or self.workdir is None:
             return
@@ -393,23 +402,54 @@ class LocalFederation:
             survivors = self._tracker.stop_all(grace=self.stop_timeout)
         except KeyboardInterrupt:
             # A second Ctrl-C must not leave processes behind: skip the grace
-            # period, kill what is left, then let the interrupt through.
+            # period, kill what is left, report the kept folder, then let the
+            # interrupt through.
             logger.warning("interrupted while stopping; killing the remaining processes")
-            self._tracker.stop_all(grace=0.0)
+            survivors = self._tracker.stop_all(grace=0.0)
+            self._clean_up(survivors, outcome="an interrupt")
             raise
         finally:
             if self._previous_subreaper is not None:
                 set_child_subreaper(self._previous_subreaper)
+        outcome = "an interrupt" if interrupted else "an error" if failed else None
+        self._clean_up(survivors, outcome=outcome)
 
-        if survivors:
-            logger.error("local federation left PIDs %s running; logs are in %s", survivors, self.log_dir)
-        elif failed:
-            logger.warning("local federation stopped after an error; logs kept in %s", self.log_dir)
-        elif self.keep_files:
-            logger.info("local federation stopped; files kept in %s", self.workdir)
-        else:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+    def _clean_up(self, survivors: list[int], *, outcome: str | None) -> None:
+        """Delete or keep the working folder after a stop and log where the logs are.
+
+        `outcome` is None after a clean stop, else what caused the stop.
+        """
+        workdir = self._require_workdir()
+        if not survivors and outcome is None and not self.keep_files:
+            shutil.rmtree(workdir, ignore_errors=True)
             logger.info("local federation stopped")
+            return
+
+        if self.keep_files:
+            kept = f"files kept in {workdir}"
+        else:
+            kept = f"logs kept in {self.log_dir}"
+            if self._delete_private_keys():
+                kept += "; the TLS private key was deleted"
+        if survivors:
+            logger.error("local federation left PIDs %s running; %s", survivors, kept)
+        elif outcome is not None:
+            logger.warning("local federation stopped after %s; %s", outcome, kept)
+        else:
+            logger.info("local federation stopped; %s", kept)
+
+    def _delete_private_keys(self) -> int:
+        """Delete the private keys from the working folder, so a kept folder holds no secret; return how many."""
+        deleted = 0
+        # The folder, not self.certificates, because an interrupt can come
+        # after the key file was written and before the attribute was set.
+        for keyfile in (self._require_workdir() / "certs").glob("*.key"):
+            try:
+                keyfile.unlink()
+                deleted += 1
+            except OSError as exc:
+                logger.error("could not delete the TLS private key %s: %s; delete it by hand", keyfile, exc)
+        return deleted
 
     def _prepare_tls_and_connection(self) -> None:
         """Write certificates (unless insecure) and the `flwr` CLI's config.toml."""

@@ -236,19 +236,27 @@ class ProcessTracker:
                 continue
         return sorted(alive)
 
-    def stop_all(self, *, grace: float, kill_timeout: float = 5.0) -> list[int]:
+    def stop_all(self, *, grace: float, child_grace: float = 2.0, kill_timeout: float = 5.0) -> list[int]:
         """Stop every member of every tracked session and return the survivors.
 
-        First each component gets SIGTERM and up to `grace` seconds to shut
-        down its own children. Then every remaining member gets SIGTERM, then
-        SIGKILL after at most 2 s, and the call waits at most `kill_timeout`
-        seconds for them to go. Finally it reaps the exited components and
+        Every live member gets SIGTERM at once: first the components, then
+        the programs that Flower started (`flower-superexec`, `flwr-serverapp`,
+        `flwr-clientapp`). Those children get SIGKILL once they are still
+        running `child_grace` seconds later. This is logged at DEBUG only,
+        because Flower 1.42's `flower-superexec` often takes several seconds to
+        exit on SIGTERM, even after a successful run. A component still running
+        after `grace` seconds gets SIGKILL with a WARNING, or at DEBUG if
+        `grace` is 0. The call then waits at most `kill_timeout` seconds for
+        the killed processes to go, and reaps the exited components and
         adopted orphans.
 
         Parameters
         ----------
         grace : float
             Seconds the components may take to shut down on SIGTERM.
+        child_grace : float, default 2.0
+            Seconds Flower's child programs may take to exit on SIGTERM; at
+            most `grace`.
         kill_timeout : float, default 5.0
             Seconds to wait for processes to exit after SIGKILL.
 
@@ -261,18 +269,30 @@ class ProcessTracker:
         # exits (a SuperLink stopped while still starting its SuperExec) is
         # not found; Flower's own parent-PID monitor stops such a child.
         self.refresh()
+        started = time.monotonic()
+        components = {process.pid: process for process in self.processes}
         for process in self.processes:
             if process.exit_code() is None:
                 _signal(process.pid, signal.SIGTERM)
-        _wait_until(lambda: all(p.exit_code() is not None for p in self.processes), grace)
-
         for pid in self.live_members():
-            _signal(pid, signal.SIGTERM)
-        _wait_until(lambda: not self.live_members(), min(grace, 2.0))
+            if pid not in components:
+                _signal(pid, signal.SIGTERM)
 
+        _wait_until(lambda: not self.live_members(), min(grace, child_grace))
         for pid in self.live_members():
-            logger.warning("PID %d (%s) did not stop on SIGTERM; sending SIGKILL", pid, _command_line(pid))
-            _signal(pid, signal.SIGKILL)
+            if pid not in components:
+                _kill(pid, logging.DEBUG, f"is still running {time.monotonic() - started:.1f} s after SIGTERM")
+
+        remaining = grace - (time.monotonic() - started)
+        _wait_until(lambda: all(p.exit_code() is not None for p in self.processes), max(0.0, remaining))
+        for pid in self.live_members():
+            process = components.get(pid)
+            if process is None:
+                _kill(pid, logging.DEBUG, "is still running after the components stopped")
+            elif process.exit_code() is None:
+                # With no grace the caller asked for SIGKILL and has said why.
+                level = logging.WARNING if grace > 0 else logging.DEBUG
+                _kill(pid, level, f"did not stop within {grace:.1f} s of SIGTERM", name=process.name)
         _wait_until(lambda: not self.live_members(), kill_timeout)
 
         self._reap_all()
@@ -321,12 +341,44 @@ def _process_table() -> dict[int, tuple[int, int]]:
     return table
 
 
-def _command_line(pid: int) -> str:
-    """Return a process's command line for a log message, or "" if it is gone."""
+def _kill(pid: int, level: int, reason: str, *, name: str | None = None) -> None:
+    """Send SIGKILL to `pid` and log `reason` at `level`, unless the process has already exited.
+
+    The message names the process by `name` if given, else by its program.
+    """
+    program = _describe_process(pid)
+    if program is None:
+        return
+    logger.log(level, "%s (PID %d) %s; sending SIGKILL", name or program, pid, reason)
+    _signal(pid, signal.SIGKILL)
+
+
+def _describe_process(pid: int) -> str | None:
+    """Return a process's program and arguments for a log message, or None if it has exited.
+
+    The Python interpreter and the folders are left out, so that
+    ``/venv/bin/python3 /venv/bin/flower-superexec --insecure`` reads
+    ``flower-superexec --insecure``. A zombie counts as exited. A process
+    that is exiting may have no command line any more, so its name and state
+    stand in for it.
+    """
     try:
-        return " ".join(psutil.Process(pid).cmdline())
+        process = psutil.Process(pid)
+        with process.oneshot():
+            command = process.cmdline()
+            name, status = process.name(), process.status()
+    except psutil.NoSuchProcess:
+        # psutil.ZombieProcess is a NoSuchProcess as well.
+        return None
     except psutil.Error:
-        return ""
+        return f"process {pid}"
+    if status in (psutil.STATUS_DEAD, psutil.STATUS_ZOMBIE):
+        return None
+    if not command:
+        return f"{name or 'unnamed process'} ({status})"
+    if len(command) > 1 and Path(command[0]).name.startswith("python") and not command[1].startswith("-"):
+        command = command[1:]
+    return " ".join([Path(command[0]).name, *command[1:]])
 
 
 def _signal(pid: int, signum: signal.Signals) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -231,7 +232,8 @@ def test_federation_continues_after_supernode_kill(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_federation_stops_all_on_keyboard_interrupt(tmp_path: Path) -> None:
+def test_federation_stops_all_on_keyboard_interrupt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="homesplit")
     with ProcessWatcher() as watcher, LocalFederation(DEVICES[:2], root_dir=tmp_path) as federation:
 
         def on_log(line: str) -> None:
@@ -243,6 +245,12 @@ def test_federation_stops_all_on_keyboard_interrupt(tmp_path: Path) -> None:
 
     assert {"flower-superlink", "flower-supernode", "flwr"} <= watcher.programs
     assert watcher.still_running() == []
+    assert (federation.log_dir / "superlink.log").is_file()
+    assert (federation.workdir / "certs" / "server.pem").is_file()
+    assert not (federation.workdir / "certs" / "server.key").exists()
+    stopped = [r for r in caplog.records if "local federation stopped" in r.getMessage()]
+    assert [r.levelno for r in stopped] == [logging.WARNING]
+    assert f"after an interrupt; logs kept in {federation.log_dir}" in stopped[0].getMessage()
 
 
 @pytest.mark.slow
