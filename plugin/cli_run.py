@@ -62,10 +62,11 @@ def _stop_on_sigterm(signum: int, frame: object) -> None:
 def _handle(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     experiment = load_experiment(args.experiment, rounds=args.rounds)
+    households = len(experiment.households)
+    devices = sum(len(h["devices"]) for h in experiment.households)
     print(
-        f"homesplit run: {len(experiment.households)} households, "
-        f"{sum(len(h['devices']) for h in experiment.households)} devices, {experiment.config['rounds']} rounds, "
-        f"TLS {'off' if args.insecure else 'on'}",
+        f"homesplit run: {_count(households, 'household')}, {_count(devices, 'device')}, "
+        f"{_count(experiment.config['rounds'], 'round')}, TLS {'off' if args.insecure else 'on'}",
         flush=True,
     )
     summary = run_experiment(
@@ -77,6 +78,11 @@ def _handle(args: argparse.Namespace) -> int:
         flush=True,
     )
     return 0
+
+
+def _count(number: int, noun: str) -> str:
+    """Return e.g. "1 round" or "4 rounds"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _echo(line: str) -> None:

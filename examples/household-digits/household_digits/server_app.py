@@ -96,6 +96,10 @@ def _show_homesplit_logs() -> None:
         named = logging.getLogger(name)
         named.setLevel(logging.INFO)
         named.addHandler(handler)
+        # Importing opacus.utils.module_utils (opacus 1.6) calls logging.basicConfig,
+        # which gives the root logger a stderr handler of its own; propagating
+        # to it would print every line twice.
+        named.propagate = False
 
 
 def _write_results(path: str, result, strategy: HomesplitStrategy, rounds: dict[int, dict]) -> None:
