@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ROUND_FIELDS", "write_report"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["ROUND_FIELDS", "accuracy_figure", "accuracy_points", "write_report"]
 
 ROUND_FIELDS = (
     "round",
@@ -40,6 +43,8 @@ def write_report(out: Path, *, rounds: list[dict[str, Any]], config: dict[str, A
         The full experiment configuration, stored in results.json.
     summary : dict
         Run-level figures (wall time, final accuracy, command) for results.json.
+        Its ``initial_accuracy``, the evaluation before the first round, is
+        plotted as round 0 unless it is missing or None.
     """
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
@@ -53,25 +58,43 @@ def write_report(out: Path, *, rounds: list[dict[str, Any]], config: dict[str, A
             writer.writerow(_flat(record))
 
     plot = out / "accuracy.png"
-    _plot_accuracy(plot, rounds)
+    figure = accuracy_figure(rounds, initial_accuracy=summary.get("initial_accuracy"))
+    figure.savefig(plot, dpi=100)
     return [results, metrics, plot]
 
 
-def _plot_accuracy(path: Path, rounds: list[dict[str, Any]]) -> None:
-    import matplotlib
+def accuracy_points(rounds: list[dict[str, Any]], *, initial_accuracy: float | None) -> list[tuple[int, float]]:
+    """Return (round, accuracy) pairs in round order, with round 0 first if `initial_accuracy` is not None."""
+    points = [(0, float(initial_accuracy))] if initial_accuracy is not None else []
+    points += [(int(r["round"]), float(r["accuracy"])) for r in rounds if r.get("accuracy") is not None]
+    return sorted(points)
 
-    # Agg draws to files only, so no display is needed (servers, CI).
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(5, 3.2))
-    points = [(r["round"], r["accuracy"]) for r in rounds if r.get("accuracy") is not None]
+def accuracy_figure(rounds: list[dict[str, Any]], *, initial_accuracy: float | None) -> Figure:
+    """Draw the centralized test accuracy (%) per round, with integer round ticks.
+
+    The y-axis spans the accuracies with a margin of at least 5 percentage
+    points and stays within 0 to 100, so that a single round does not fill
+    the plot with a range of a fraction of a point.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # A bare Figure, unlike pyplot's, needs no display backend and no closing.
+    figure = Figure(figsize=(5, 3.2))
+    axis = figure.subplots()
+    points = accuracy_points(rounds, initial_accuracy=initial_accuracy)
     if points:
-        axis.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o")
-    axis.set_xlabel("round")
+        xs = [round_number for round_number, _ in points]
+        ys = [100 * accuracy for _, accuracy in points]
+        axis.plot(xs, ys, marker="o")
+        axis.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+        margin = max(5.0, 0.1 * (max(ys) - min(ys)))
+        axis.set_ylim(max(0.0, min(ys) - margin), min(100.0, max(ys) + margin))
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel("round (0: before training)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("centralized test accuracy per round")
     axis.grid(True, alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
