@@ -54,9 +54,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"homesplit {__version__}")
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level of homesplit's own messages (default: INFO)",
+        help="log level of homesplit's own messages (default: WARNING; progress is printed either way)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     invoked = None if argv is None else _invoked_command(argv)
@@ -73,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s")
+    # force=True because importing Opacus configures the root logger first,
+    # which would otherwise keep its own format and ignore --log-level.
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
