@@ -8,6 +8,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -61,9 +62,9 @@ class HomesplitStrategy(Strategy):
         Fraction of the plannable households sampled for training; 0.0 skips
         federated training (logged as a WARNING).
     fraction_evaluate : float, default 1.0
-        Fraction of households sampled for federated evaluation; 0.0 skips it
-        (logged as a WARNING), which suits centralized evaluation with
-        `evaluate_fn`.
+        Fraction of households sampled for federated evaluation; 0.0 skips it,
+        which suits centralized evaluation with `evaluate_fn` (logged at INFO;
+        a WARNING when there is no `evaluate_fn`).
     min_train_households : int, default 1
         Households sampled for training at least, if that many can be planned;
         wins over `fraction_train`.
@@ -179,8 +180,20 @@ class HomesplitStrategy(Strategy):
 
         if fraction_train == 0.0:
             logger.warning("fraction_train is 0.0: federated training is skipped")
-        if fraction_evaluate == 0.0:
-            logger.warning("fraction_evaluate is 0.0: federated evaluation is skipped")
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any):
+        """Run Flower's round loop; see `flwr.serverapp.strategy.Strategy.start`.
+
+        With ``fraction_evaluate=0.0`` evaluation happens only on the server
+        when `evaluate_fn` is given, which is logged at INFO; without it
+        nothing evaluates, which is logged as a WARNING.
+        """
+        if self.fraction_evaluate == 0.0:
+            if kwargs.get("evaluate_fn") is not None:
+                logger.info("fraction_evaluate is 0.0: the model is evaluated on the server only")
+            else:
+                logger.warning("fraction_evaluate is 0.0 and there is no evaluate_fn: nothing is evaluated")
+        return super().start(grid, initial_arrays, num_rounds, **kwargs)
 
     def summary(self) -> None:
         """Log the strategy's configuration."""
