@@ -12,7 +12,7 @@ measured. The ideal pipeline bound is ``S * M / (M + S - 1)``.
 
 Usage::
 
-    python benchmarks/pipeline_speedup.py [--steps 12] [--microbatches 16]
+    python benchmarks/pipeline_speedup.py [--steps 6] [--batch-size 8192] [--microbatches 32]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from homesplit.local import run_local_pipeline
 from homesplit.partition import even_cuts
 
 WIDTH = 1024
-FEATURES = 512
+FEATURES = 1024
 
 
 def make_job(steps: int, batch_size: int, microbatches: int, cuts: list[str]) -> PipelineJob:
@@ -94,10 +94,10 @@ def segment_memory(job: PipelineJob) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12, help="mini-batches per run (default: 12)")
+    parser.add_argument("--steps", type=int, default=6, help="mini-batches per run (default: 6)")
     parser.add_argument("--warmup", type=int, default=2, help="mini-batches left out of the timing (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=512, help="samples per mini-batch (default: 512)")
-    parser.add_argument("--microbatches", type=int, default=16, help="micro-batches per mini-batch (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=8192, help="samples per mini-batch (default: 8192)")
+    parser.add_argument("--microbatches", type=int, default=32, help="micro-batches per mini-batch (default: 32)")
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
