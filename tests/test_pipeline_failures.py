@@ -138,7 +138,8 @@ def test_wrong_microbatch_is_a_schedule_error():
     thread.join(timeout=30)
     error = outcome.get("error")
     assert isinstance(error, ScheduleError), outcome
-    assert "micro-batch 0" in str(error) and "micro-batch 1" in str(error), str(error)
+    assert "micro-batch 0" in str(error), str(error)
+    assert "micro-batch 1" in str(error), str(error)
     up.close()
     down.close()
 
