@@ -28,6 +28,8 @@ that household. `homesplit.privacy.settings` lists the keys.
 from __future__ import annotations
 
 import copy
+import math
+import reprlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,25 @@ class Experiment:
         return self.config["households"]
 
 
+def _name_text(value: Any, where: str) -> str:
+    """Return a household or device name, which YAML must give as a string."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}={_short(value)} is invalid; allowed: a name string such as 'phone' (quote numbers)")
+    return value
+
+
+_SHORT_REPR = reprlib.Repr(maxlevel=2, maxlist=4, maxdict=4, maxstring=80, maxother=80)
+
+
+def _short(value: Any) -> str:
+    """Represent `value` for an error message without expanding a huge structure.
+
+    YAML aliases can make a small file expand into a value of billions of
+    items, so only the first levels and items are shown.
+    """
+    return _SHORT_REPR.repr(value)[:300]
+
+
 def load_experiment(path: str | Path, *, rounds: int | None = None) -> Experiment:
     """Read, fill in and validate an experiment file.
 
@@ -120,6 +141,8 @@ def load_experiment(path: str | Path, *, rounds: int | None = None) -> Experimen
         raise ConfigError(f"experiment file {str(file)!r} not found; pass the path of an experiment YAML file")
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"experiment file {str(file)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"experiment file {str(file)!r} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -153,7 +176,7 @@ def _merge(defaults: dict[str, Any], given: dict[str, Any], *, prefix: str) -> d
         default = defaults[key]
         if isinstance(default, dict) and key != "optimizer":
             if not isinstance(value, dict):
-                raise ConfigError(f"{name}={value!r} must be a mapping with keys {sorted(default)}")
+                raise ConfigError(f"{name}={_short(value)} must be a mapping with keys {sorted(default)}")
             merged[key] = _merge(default, value, prefix=f"{name}.")
         else:
             merged[key] = value
@@ -162,9 +185,9 @@ def _merge(defaults: dict[str, Any], given: dict[str, Any], *, prefix: str) -> d
 
 def _require(value: Any, kind: type | tuple, name: str, allowed: str) -> None:
     if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise ConfigError(f"{name}={_short(value)} is invalid; allowed: {allowed}")
     if not isinstance(value, kind):
-        raise ConfigError(f"{name}={value!r} is invalid; allowed: {allowed}")
+        raise ConfigError(f"{name}={_short(value)} is invalid; allowed: {allowed}")
 
 
 def _check_numbers(config: dict[str, Any]) -> None:
@@ -182,7 +205,7 @@ def _check_numbers(config: dict[str, Any]) -> None:
         raise ConfigError(f"training.schedule={training['schedule']!r} is invalid; allowed: {', '.join(SCHEDULES)}")
     optimizer = training["optimizer"]
     if not isinstance(optimizer, dict) or "name" not in optimizer:
-        raise ConfigError(f"training.optimizer={optimizer!r} is invalid; allowed: a mapping such as {{name: SGD, lr: 0.05}}")
+        raise ConfigError(f"training.optimizer={_short(optimizer)} is invalid; allowed: a mapping such as {{name: SGD, lr: 0.05}}")
     if config["data"]["partitioner"] not in _PARTITIONERS:
         raise ConfigError(f"data.partitioner={config['data']['partitioner']!r} is invalid; allowed: {', '.join(_PARTITIONERS)}")
     fraction = config["evaluation"]["fraction-federated"]
@@ -191,26 +214,28 @@ def _check_numbers(config: dict[str, Any]) -> None:
         raise ConfigError(f"evaluation.fraction-federated={fraction} is invalid; allowed: a number from 0.0 to 1.0")
     for key, value in config["timeouts"].items():
         _require(value, (int, float), f"timeouts.{key}", "a positive number of seconds")
+        if not math.isfinite(value):
+            raise ConfigError(f"timeouts.{key}={value} is invalid; allowed: a positive, finite number of seconds")
         if value <= 0:
             raise ConfigError(f"timeouts.{key}={value} is invalid; allowed: a positive number of seconds")
     shape = config["example-shape"]
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise ConfigError(f"example-shape={shape!r} is invalid; allowed: a list of positive integers, e.g. [1, 1, 8, 8]")
+        raise ConfigError(f"example-shape={_short(shape)} is invalid; allowed: a list of positive integers, e.g. [1, 1, 8, 8]")
 
 
 def _check_households(config: dict[str, Any]) -> None:
     households = config["households"]
     if not isinstance(households, list) or not households:
-        raise ConfigError(f"households={households!r} is invalid; allowed: a non-empty list of {{id, devices}} mappings")
+        raise ConfigError(f"households={_short(households)} is invalid; allowed: a non-empty list of {{id, devices}} mappings")
     seen: set[str] = set()
     for index, household in enumerate(households):
         where = f"households[{index}]"
         if not isinstance(household, dict):
-            raise ConfigError(f"{where}={household!r} is invalid; allowed: a mapping with keys {sorted(_HOUSEHOLD_KEYS)}")
+            raise ConfigError(f"{where}={_short(household)} is invalid; allowed: a mapping with keys {sorted(_HOUSEHOLD_KEYS)}")
         unknown = sorted(set(household) - _HOUSEHOLD_KEYS)
         if unknown:
             raise ConfigError(f"unknown key {where}.{unknown[0]!r}; allowed keys here are {sorted(_HOUSEHOLD_KEYS)}")
-        hid = validate_name(str(household.get("id", "")), f"{where}.id")
+        hid = validate_name(_name_text(household.get("id", ""), f"{where}.id"), f"{where}.id")
         if hid in seen:
             raise ConfigError(f"{where}.id={hid!r} repeats another household's id; give every household its own id")
         seen.add(hid)
@@ -219,15 +244,15 @@ def _check_households(config: dict[str, Any]) -> None:
 
 def _check_devices(devices: Any, where: str) -> None:
     if not isinstance(devices, list) or not devices:
-        raise ConfigError(f"{where}.devices={devices!r} is invalid; allowed: a non-empty list of {{name, holds-data}} mappings")
+        raise ConfigError(f"{where}.devices={_short(devices)} is invalid; allowed: a non-empty list of {{name, holds-data}} mappings")
     names = []
     for device in devices:
         if not isinstance(device, dict):
-            raise ConfigError(f"{where}.devices entry {device!r} is invalid; allowed: a mapping with keys {sorted(_DEVICE_KEYS)}")
+            raise ConfigError(f"{where}.devices entry {_short(device)} is invalid; allowed: a mapping with keys {sorted(_DEVICE_KEYS)}")
         unknown = sorted(set(device) - _DEVICE_KEYS)
         if unknown:
             raise ConfigError(f"unknown key {where}.devices.{unknown[0]!r}; allowed keys here are {sorted(_DEVICE_KEYS)}")
-        names.append(validate_name(str(device.get("name", "")), f"{where}.devices.name"))
+        names.append(validate_name(_name_text(device.get("name", ""), f"{where}.devices.name"), f"{where}.devices.name"))
         device.setdefault("holds-data", False)
         _require(device["holds-data"], bool, f"{where}.devices[{names[-1]}].holds-data", "true or false")
     if len(set(names)) != len(names):
