@@ -107,7 +107,11 @@ def _name_text(value: Any, where: str) -> str:
     return value
 
 
-_SHORT_REPR = reprlib.Repr(maxlevel=2, maxlist=4, maxdict=4, maxstring=80, maxother=80)
+# Python 3.11's reprlib.Repr takes its limits as attributes, not arguments.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = 4
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
 
 
 def _short(value: Any) -> str:
