@@ -8,13 +8,11 @@ runtime is the largest peak RSS of its stages minus the segment memory that
 the planner predicts for them. It includes what the memory model leaves out,
 such as allocator caches and kernel scratch buffers. Each stage of the
 planned run must then stay under its device's memory plus that runtime, plus
-one copy of its weights, which the stage process makes when it saves them.
+a margin of 1% of the runtime: the two runs are separate processes, and their
+allocator caches differ by a few MB from run to run.
 
 Peak RSS is read here from ``VmHWM`` in ``/proc/PID/status`` of each stage
-process while it runs. The ``peak_rss_bytes`` of a stage's report comes from
-``getrusage``, whose ``ru_maxrss`` on Linux keeps the RSS of the process that
-started it across ``exec``, so it reports at least the RSS of this test
-process and cannot check a limit.
+process while it runs.
 """
 
 from __future__ import annotations
@@ -91,19 +89,7 @@ def _runtime_rss_bytes(job: PipelineJob, workdir, *, optimizer: str) -> int:
     plan = costs.build_plan(bounds, devices, num_microbatches=job.num_microbatches, objective="time")
     torch.manual_seed(0)
     _, peaks = _run(job, job.build_model().state_dict(), workdir)
-    copies = _weight_copy_bytes(plan, profile)
-    return max(peak - stage.memory_bytes - copy for peak, stage, copy in zip(peaks, plan.stages, copies))
-
-
-def _weight_copy_bytes(plan, profile) -> list[int]:
-    """Return, per stage, the bytes of the copy of its weights that the stage process makes at the end.
-
-    NOTE: the worker clones its segment's state_dict before saving it, while
-    gradients and optimizer state still exist. The planner's memory model
-    does not count that copy.
-    """
-    sizes = {layer.name: layer.parameter_bytes for layer in profile.layers}
-    return [sum(sizes[name] for name in stage.layers) for stage in plan.stages]
+    return max(peak - stage.memory_bytes for peak, stage in zip(peaks, plan.stages))
 
 
 def _mlp_job(cuts: list[str], devices: list[str], num_microbatches: int, *, depth: int = 6) -> PipelineJob:
@@ -132,12 +118,13 @@ def _profile(job: PipelineJob):
 
 def _assert_stages_fit(peaks, plan, profile, devices, runtime_rss_bytes):
     memory = {device.name: device.memory_bytes for device in devices}
-    for stage, peak, copy in zip(plan.stages, peaks, _weight_copy_bytes(plan, profile)):
-        limit = memory[stage.device] + runtime_rss_bytes + copy
+    margin = int(0.01 * runtime_rss_bytes)
+    for stage, peak in zip(plan.stages, peaks):
+        limit = memory[stage.device] + runtime_rss_bytes + margin
         assert stage.memory_bytes <= memory[stage.device], f"plan puts {stage.memory_bytes} bytes on {stage.device}"
         assert 0 < peak <= limit, (
             f"stage {stage.index} on {stage.device}: peak RSS {peak} > limit {limit} "
-            f"(device memory {memory[stage.device]} + runtime {runtime_rss_bytes} + final weight copy {copy})"
+            f"(device memory {memory[stage.device]} + runtime {runtime_rss_bytes} + margin {margin})"
         )
 
 
