@@ -411,7 +411,11 @@ class LocalFederation:
         finally:
             if self._previous_subreaper is not None:
                 set_child_subreaper(self._previous_subreaper)
-        outcome = "an interrupt" if interrupted else "an error" if failed else None
+        outcome = None
+        if interrupted:
+            outcome = "an interrupt"
+        elif failed:
+            outcome = "an error"
         self._clean_up(survivors, outcome=outcome)
 
     def _clean_up(self, survivors: list[int], *, outcome: str | None) -> None:

@@ -55,7 +55,7 @@ class StageHook(Protocol):
 
 @dataclass
 class StepResult:
-    """What one stage observed in one mini-batch.
+    """Record of what one stage observed in one mini-batch.
 
     Attributes
     ----------

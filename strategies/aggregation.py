@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class HouseholdOutcome:
-    """What one household returned in one round.
+    """Update and metrics that one household returned in one round.
 
     Attributes
     ----------

@@ -59,11 +59,11 @@ def discover_devices(grid: Grid, node_ids: Iterable[int], *, timeout: float) -> 
             continue
         record = reply.content.config_records.get(DEVICE)
         if record is None:
-            logger.warning("Node %d answered the discovery query without a %r record; is it a homesplit device?", node_id, DEVICE)
+            logger.warning("Node %d replied to the discovery query without a %r record; is it a homesplit device?", node_id, DEVICE)
             continue
         devices.append(_device_info(node_id, record))
     for node_id in sorted(set(destination.values()) - answered):
-        logger.warning("Node %d did not answer the discovery query within %.0f s", node_id, timeout)
+        logger.warning("Node %d did not reply to the discovery query within %.0f s", node_id, timeout)
     return devices
 
 
