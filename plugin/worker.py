@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from homesplit.allocator import pin_mmap_threshold
 from homesplit.errors import ConfigError
 from homesplit.job import PipelineJob, build_loss, build_optimizer, build_split, load_callable
 from homesplit.link import Link, LinkTimeouts
@@ -89,7 +90,11 @@ def run_stage(
     missing = set(segment.state_dict()) - set(weights)
     if missing:
         raise ConfigError(f"initial weights for stage {stage} lack {sorted(missing)[:5]}")
-    segment.load_state_dict({k: weights[k] for k in segment.state_dict()}, strict=True)
+    # Household-level DP compares the final weights with the initial ones, so
+    # only then does the segment get a copy. Otherwise the loaded tensors become
+    # the parameters, and the stage keeps one set of weights, not two.
+    keeps_initial = any(hasattr(hook, "finish_round") for hook in hooks)
+    segment.load_state_dict({k: weights[k] for k in segment.state_dict()}, strict=True, assign=not keeps_initial)
     # A segment without parameters (a lone activation, say) has nothing to step.
     has_parameters = any(True for _ in segment.parameters())
     optimizer = build_optimizer(job.optimizer, segment.parameters()) if has_parameters else None
@@ -197,6 +202,8 @@ def _peak_rss_bytes() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one stage as a process for one job or a list of jobs; return the exit code."""
     args = _parse_args(argv)
+    # Before any tensor exists, so that freed tensors never linger on the heap.
+    pin_mmap_threshold()
     logging.basicConfig(
         level=os.environ.get("HOMESPLIT_LOG_LEVEL", "INFO"),
         format=f"%(levelname)s stage{args.stage} %(name)s: %(message)s",

@@ -39,6 +39,10 @@ from homesplit.schedule import SCHEDULES
 __all__ = ["CostModel", "StepCost", "check_objective"]
 
 
+# Parameter-sized temporaries of one optimizer step; unknown kinds count as Adam.
+_STEP_TEMPORARIES = {"sgd": 0, "sgd_momentum": 0, "adam": 2, "adamw": 2}
+
+
 @dataclass(frozen=True)
 class StepCost:
     """Cost of one mini-batch under a candidate plan.
@@ -109,6 +113,8 @@ class CostModel:
         self._activation = [0, *accumulate(layer.activation_bytes_per_sample for layer in layers)]
         self._static = [0, *accumulate(layer.static_bytes(optimizer) for layer in layers)]
         self._parameters = [0, *accumulate(layer.parameter_count for layer in layers)]
+        # _largest[start][stop - start - 1]: the largest trainable parameter of units [start, stop).
+        self._largest = [list(accumulate((layer.largest_gradient_bytes for layer in layers[start:]), max)) for start in range(len(layers))]
 
     def microbatch_size(self, num_microbatches: int) -> int:
         """Return the samples in the largest micro-batch."""
@@ -134,8 +140,15 @@ class CostModel:
     def memory_bytes(self, start: int, stop: int, *, kept_microbatches: int, microbatch_size: int) -> int:
         """Return the peak memory of a stage that runs units ``[start, stop)``, in bytes."""
         static = self._static[stop] - self._static[start]
-        activations = self._activation[stop] - self._activation[start]
-        return static + kept_microbatches * microbatch_size * activations
+        activations = kept_microbatches * microbatch_size * (self._activation[stop] - self._activation[start])
+        # Temporaries the size of the largest parameter. Backward adds each
+        # micro-batch's new gradient to the stored one, so one temporary exists
+        # while activations are kept. torch.optim.Adam's step (torch 2.13, one
+        # CPU tensor at a time) keeps sqrt(v) and its quotient, so two exist
+        # after the backward passes. SGD steps in place.
+        largest = self._largest[start][stop - start - 1] if stop > start else 0
+        step = _STEP_TEMPORARIES.get(self.optimizer, 2) * largest
+        return static + max(activations + largest, step)
 
     def transfer_seconds(
         self, boundary: int, source: DeviceProfile, target: DeviceProfile, *, microbatch_size: int

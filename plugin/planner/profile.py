@@ -208,6 +208,7 @@ def _profile_unit(
             "adamw": 2 * gradient_bytes + _STEP_BYTES * len(trainable),
         },
         activation_bytes_per_sample=_per_sample(sum(saved.values()), batch_size),
+        largest_gradient_bytes=max((_nbytes(p) for p in trainable), default=0),
     )
     return layer, _detached(output)
 

@@ -52,6 +52,10 @@ class LayerProfile:
     activation_bytes_per_sample : int
         Bytes per sample that autograd keeps from the forward pass until the
         backward pass of the same micro-batch.
+    largest_gradient_bytes : int, default 0
+        Bytes of the largest trainable parameter, which sizes the temporary
+        tensors of gradient accumulation and of the optimizer step (see
+        `homesplit.planner.costs`). Profiles cached without it read as 0.
     """
 
     name: str
@@ -63,6 +67,7 @@ class LayerProfile:
     gradient_bytes: int
     optimizer_bytes: dict[str, int]
     activation_bytes_per_sample: int
+    largest_gradient_bytes: int = 0
 
     def static_bytes(self, optimizer: str) -> int:
         """Return parameter, gradient and optimizer-state bytes for `optimizer`.
