@@ -19,6 +19,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
+from homesplit.allocator import pin_mmap_threshold
+from homesplit.clients.link_probe import echo_owner, measure_peers
 from homesplit.clients.node import DeviceConfig, read_device_config
 from homesplit.clients.privacy import (
     RoundDeclined,
@@ -34,10 +36,11 @@ from homesplit.clients.stage_round import StageOutcome, close_downstream, run_st
 from homesplit.errors import ConfigError, LinkError
 from homesplit.household_plan import HouseholdPlan
 from homesplit.link import LinkTimeouts
+from homesplit.link_probes import LinkProbeRequest, encode_results
 from homesplit.minibatches import minibatches, round_seed
 from homesplit.planner.benchmark import measure_matmul_flops
 from homesplit.privacy.accounting import PrivacyBudget
-from homesplit.records import ARRAYS, CONFIG, DEVICE, METRICS, PLAN
+from homesplit.records import ARRAYS, CONFIG, DEVICE, LINK_PROBE, LINKS, METRICS, PLAN
 
 __all__ = ["DeviceData", "device_app"]
 
@@ -99,7 +102,8 @@ def device_app(
     Returns
     -------
     ClientApp
-        Handles ``query.discover``, ``train`` and ``evaluate`` messages.
+        Handles ``query.discover``, ``query.probe_links``, ``train`` and
+        ``evaluate`` messages.
     """
     app = ClientApp()
 
@@ -124,12 +128,31 @@ def device_app(
             record["busy-watts"] = device.busy_watts
         return Message(RecordDict({DEVICE: record}), reply_to=msg)
 
+    @app.query("probe_links")
+    def probe_links(msg: Message, context: Context) -> Message:
+        device: DeviceConfig | None = None
+        try:
+            device = read_device_config(context.node_config, context.run_config, context.run_id)
+            request = LinkProbeRequest.from_config(msg.content.config_records[LINK_PROBE])
+            if device.device != request.owner:
+                return Message(RecordDict({LINKS: ConfigRecord({"echoed": echo_owner(device, request)})}), reply_to=msg)
+            record = ConfigRecord(
+                {"measurements": encode_results(measure_peers(device, request)), "tls": not device.insecure_links}
+            )
+            return Message(RecordDict({LINKS: record}), reply_to=msg)
+        except Exception as exc:  # every failure becomes an error reply naming the device
+            name = f"{device.household}/{device.device}" if device else "device with an invalid node config"
+            reason = f"{name} failed the link probe: {type(exc).__name__}: {exc}"
+            logger.error("%s", reason)
+            return Message(Error(code=_CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
     def handle(msg: Message, context: Context, kind: str) -> Message:
         device: DeviceConfig | None = None
         stage = -1
         try:
             device = read_device_config(context.node_config, context.run_config, context.run_id)
             torch.set_num_threads(device.threads)
+            pin_mmap_threshold()
             config = msg.content.config_records[CONFIG]
             plan = HouseholdPlan.from_json(str(config[PLAN]))
             stage = int(config["stage"])

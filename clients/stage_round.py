@@ -23,7 +23,7 @@ from homesplit.transport import PeerIdentity, TcpTransport, open_listener, parse
 from homesplit.clients.node import DeviceConfig
 from homesplit.clients.rendezvous import publish_port, wait_for_port
 
-__all__ = ["StageOutcome", "run_stage_round", "close_downstream"]
+__all__ = ["StageOutcome", "run_stage_round", "close_downstream", "device_transport"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class StageOutcome:
     extra_metrics: dict[str, float | int] = field(default_factory=dict)
 
 
-def _transport(device: DeviceConfig, timeouts: LinkTimeouts):
+def device_transport(device: DeviceConfig, timeouts: LinkTimeouts):
+    """Return the device's household transport: mutual TLS with its bundle, or plaintext TCP if insecure-links is set."""
     if device.insecure_links:
         logger.warning("%s/%s uses plaintext links (insecure-links=true)", device.household, device.device)
         return TcpTransport(timeouts=timeouts)
@@ -69,7 +70,7 @@ def _connect(
     device: DeviceConfig, plan: HouseholdPlan, stage: int, kind: str, server_round: int, timeouts: LinkTimeouts
 ) -> tuple[Link | None, Link | None]:
     """Open the listener, dial downstream, then accept upstream (downstream listens, upstream dials)."""
-    transport = _transport(device, timeouts)
+    transport = device_transport(device, timeouts)
     local = PeerIdentity(device.device, stage, plan.household, server_round)
     listener: socket.socket | None = None
     upstream = downstream = None

@@ -118,6 +118,9 @@ def supernode_specs(experiment: Experiment, bundle_root: Path | None) -> list[Su
             "listen": f"127.0.0.1:{port}",
             "holds-data": bool(device["holds-data"]),
         }
+        for key in ("idle-watts", "busy-watts"):
+            if key in device:
+                node_config[key] = float(device[key])
         if device["holds-data"]:
             node_config["partition-id"] = index
             node_config["num-partitions"] = len(experiment.households)
@@ -158,6 +161,8 @@ def run_config(experiment: Experiment, result_path: Path) -> dict[str, Any]:
         "round-timeout": float(config["timeouts"]["round"]),
         "result-path": str(result_path),
         "privacy": encode_run_config(household_privacy(config)),
+        "planner": config["planner"]["objective"],
+        "link-probe-seconds": float(config["planner"]["link-probe-seconds"]),
     }
 
 

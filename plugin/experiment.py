@@ -19,7 +19,10 @@ key, the value and what is allowed. An example::
     evaluation: {fraction-federated: 0.0}
     timeouts: {startup: 120, round: 300, connect: 60, run: 600}
     privacy: {mode: sample, target-epsilon: 8, max-grad-norm: 1.0}
+    planner: {objective: time, link-probe-seconds: 30}
 
+A device may give ``idle-watts`` and ``busy-watts``, which its SuperNode gets
+as node config; ``planner: {objective: energy}`` needs them on every device.
 ``privacy`` (default: none, no DP) applies to every household; a household's
 own ``privacy`` key replaces it, and ``privacy: null`` there turns DP off for
 that household. `homesplit.privacy.settings` lists the keys.
@@ -42,6 +45,7 @@ from homesplit.errors import ConfigError
 from homesplit.job import load_callable
 from homesplit.partition import candidate_cuts
 from homesplit.pki import validate_name
+from homesplit.planner.plan import OBJECTIVES
 from homesplit.privacy.settings import check_settings
 from homesplit.schedule import SCHEDULES
 
@@ -66,10 +70,12 @@ DEFAULTS: dict[str, Any] = {
     "evaluation": {"fraction-federated": 0.0},
     "timeouts": {"startup": 120.0, "round": 300.0, "connect": 60.0, "run": 900.0},
     "privacy": None,
+    "planner": {"objective": "balanced", "link-probe-seconds": 30.0},
 }
 _REQUIRED = ("model", "example-shape", "households")
 _HOUSEHOLD_KEYS = {"id", "devices", "privacy"}
-_DEVICE_KEYS = {"name", "holds-data"}
+_DEVICE_KEYS = {"name", "holds-data", "idle-watts", "busy-watts"}
+_OBJECTIVES = ("balanced", *OBJECTIVES)
 _PARTITIONERS = ("iid", "dirichlet")
 
 
@@ -165,6 +171,7 @@ def load_experiment(path: str | Path, *, rounds: int | None = None) -> Experimen
     _check_numbers(config)
     _check_households(config)
     _check_privacy(config)
+    _check_planner(config)
     num_layers = _count_layers(config, app_dir)
     _check_stages(config, num_layers)
     return Experiment(path=file.resolve(), app_dir=app_dir, config=config, num_layers=num_layers)
@@ -259,6 +266,7 @@ def _check_devices(devices: Any, where: str) -> None:
         names.append(validate_name(_name_text(device.get("name", ""), f"{where}.devices.name"), f"{where}.devices.name"))
         device.setdefault("holds-data", False)
         _require(device["holds-data"], bool, f"{where}.devices[{names[-1]}].holds-data", "true or false")
+        _check_watts(device, f"{where}.devices[{names[-1]}]")
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}.devices={names} repeats a device name; names must differ within a household")
     owners = [d["name"] for d in devices if d["holds-data"]]
@@ -266,6 +274,43 @@ def _check_devices(devices: Any, where: str) -> None:
         raise ConfigError(
             f"{where} has {len(owners)} data owners {owners}; allowed: exactly one device with holds-data: true"
         )
+
+
+def _check_watts(device: dict[str, Any], where: str) -> None:
+    """Check a device's optional power figures: both or neither, finite watts >= 0, busy not below idle."""
+    for key in ("idle-watts", "busy-watts"):
+        if key in device:
+            value = device[key]
+            _require(value, (int, float), f"{where}.{key}", "a finite number of watts, at least 0")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{where}.{key}={value} is invalid; allowed: a finite number of watts, at least 0")
+    if ("idle-watts" in device) != ("busy-watts" in device):
+        given = "idle-watts" if "idle-watts" in device else "busy-watts"
+        raise ConfigError(f"{where} gives only {given}={device[given]}; give both idle-watts and busy-watts, or neither")
+    if "idle-watts" in device and device["busy-watts"] < device["idle-watts"]:
+        raise ConfigError(
+            f"{where}.busy-watts={device['busy-watts']} is below idle-watts={device['idle-watts']}; "
+            "busy power includes idle power, so give busy-watts >= idle-watts"
+        )
+
+
+def _check_planner(config: dict[str, Any]) -> None:
+    planner = config["planner"]
+    if planner["objective"] not in _OBJECTIVES:
+        raise ConfigError(f"planner.objective={_short(planner['objective'])} is invalid; allowed: {', '.join(_OBJECTIVES)}")
+    seconds = planner["link-probe-seconds"]
+    _require(seconds, (int, float), "planner.link-probe-seconds", "a positive, finite number of seconds")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"planner.link-probe-seconds={seconds} is invalid; allowed: a positive, finite number of seconds")
+    if planner["objective"] != "energy":
+        return
+    for household in config["households"]:
+        unpowered = [d["name"] for d in household["devices"] if "idle-watts" not in d]
+        if unpowered:
+            raise ConfigError(
+                f"planner.objective='energy' needs idle-watts and busy-watts on every device, but household "
+                f"{household['id']} has none on {unpowered}; add them to those devices or use objective: time"
+            )
 
 
 def _check_privacy(config: dict[str, Any]) -> None:

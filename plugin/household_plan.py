@@ -18,6 +18,7 @@ from torch import nn
 
 from homesplit.errors import PlanError
 from homesplit.partition import candidate_cuts, even_cuts
+from homesplit.planner.profiles import LinkProfile
 from homesplit.schedule import SCHEDULES
 
 __all__ = ["DeviceInfo", "HouseholdPlan", "StageAssignment", "data_owner", "plan_household"]
@@ -53,6 +54,10 @@ class DeviceInfo:
     idle_watts, busy_watts : float or None, default None
         Power draw while waiting and while computing, in watts, from the
         device's node config; None when not configured.
+    measured_links : tuple of (str, LinkProfile), default ()
+        Links from this device to peers of its household, measured over the
+        household's link during discovery, as (peer device, link). Only the
+        data owner measures links (`homesplit.link_probes`).
     """
 
     household: str
@@ -66,6 +71,7 @@ class DeviceInfo:
     flops_per_second: float | None = None
     idle_watts: float | None = None
     busy_watts: float | None = None
+    measured_links: tuple[tuple[str, LinkProfile], ...] = ()
 
 
 @dataclass(frozen=True)

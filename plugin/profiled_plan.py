@@ -1,8 +1,8 @@
 """A household plan from the profile-driven planner, behind `plan_household`'s signature.
 
 `plan_household_profiled` profiles the model once on this machine (the
-reference device), turns the devices' discovery reports into planner inputs
-and lets `homesplit.planner.plan_from_discovery` choose the cuts, the device
+reference device), turns the devices' discovery reports and the links that
+the data owner measured into planner inputs, and lets `homesplit.planner.plan_from_discovery` choose the cuts, the device
 order and the micro-batch count. Devices that sent no speed figure make it
 fall back to the parameter-balanced `homesplit.household_plan.plan_household`.
 """
@@ -24,10 +24,10 @@ from homesplit.partition import candidate_cuts, flatten_value
 from homesplit.planner.discovery import plan_from_discovery
 from homesplit.planner.plan import OBJECTIVES, Plan
 from homesplit.planner.profile import model_signature, profile_model
-from homesplit.planner.profiles import ModelProfile
+from homesplit.planner.profiles import DEFAULT_LINK, LinkProfile, LinkTable, ModelProfile
 from homesplit.schedule import SCHEDULES
 
-__all__ = ["plan_household_profiled", "household_profile"]
+__all__ = ["plan_household_profiled", "household_profile", "household_links"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def plan_household_profiled(
         profile,
         devices,
         owner,
+        household_links(devices, owner),
         max_stages=max_stages,
         batch_size=batch_size,
         objective=objective,
@@ -218,10 +219,40 @@ def _energy_or_time(devices: Sequence[DeviceInfo]) -> str:
     return "time"
 
 
+def household_links(devices: Sequence[DeviceInfo], owner: DeviceInfo) -> LinkTable:
+    """Build the household's link table from the links its data owner measured during discovery.
+
+    The owner's link to each device is its measurement. A device without
+    one gets `DEFAULT_LINK` to and from every device, with a WARNING. The
+    link between two other devices is estimated as the slower of their
+    links to the owner (the lower bandwidth, the higher latency).
+    """
+    measured = dict(owner.measured_links)
+    others = [d.device for d in devices if d is not owner]
+    missing = [name for name in others if name not in measured]
+    if missing:
+        logger.warning(
+            "Household %s: no measured link from %s to %s; planning them with the default link (%.3g MB/s, %.3g ms)",
+            owner.household, owner.device, missing, DEFAULT_LINK.bandwidth_bytes_per_second / 1e6,
+            DEFAULT_LINK.latency_seconds * 1e3,
+        )  # fmt: skip
+    links = {(owner.device, name): measured[name] for name in others if name in measured}
+    # NOTE: only the owner measures, so a link between two other devices is an
+    # estimate. It is right when they reach each other through the access point
+    # that connects them to the owner. A direct link between them may be faster.
+    for first, second in itertools.combinations([name for name in others if name in measured], 2):
+        links[(first, second)] = LinkProfile(
+            bandwidth_bytes_per_second=min(measured[first].bandwidth_bytes_per_second, measured[second].bandwidth_bytes_per_second),
+            latency_seconds=max(measured[first].latency_seconds, measured[second].latency_seconds),
+        )
+    return LinkTable(links=links)
+
+
 def _best_plan(
     profile: ModelProfile,
     devices: Sequence[DeviceInfo],
     owner: DeviceInfo,
+    links: LinkTable,
     *,
     max_stages: int | None,
     batch_size: int,
@@ -246,6 +277,7 @@ def _best_plan(
             plan = plan_from_discovery(
                 profile,
                 [_report(d) for d in subset],
+                links,
                 batch_size=batch_size,
                 objective=objective,
                 schedule=schedule,

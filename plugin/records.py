@@ -14,7 +14,10 @@ __all__ = [
     "PLAN",
     "PRIVACY",
     "PRIVACY_STATUS",
+    "LINK_PROBE",
+    "LINKS",
     "QUERY_DISCOVER",
+    "QUERY_PROBE_LINKS",
     "REPLY_KEYS",
 ]
 
@@ -29,6 +32,13 @@ PLAN = "homesplit-plan"
 
 # Message type of the discovery query; routes to ``@app.query("discover")``.
 QUERY_DISCOVER = "query.discover"
+
+# Message type of the link probe that follows discovery; routes to
+# ``@app.query("probe_links")``. The request carries a LINK_PROBE ConfigRecord,
+# and the data owner's reply a LINKS ConfigRecord.
+QUERY_PROBE_LINKS = "query.probe_links"
+LINK_PROBE = "link-probe"
+LINKS = "links"
 
 # Keys of the "device" ConfigRecord of a discovery reply.
 REPLY_KEYS = (

@@ -22,6 +22,7 @@ from homesplit.profiled_plan import plan_household_profiled
 from homesplit.schedule import SCHEDULES
 from homesplit.strategies.aggregation import HouseholdOutcome, average_by_name, collect_outcomes
 from homesplit.strategies.discovery import discover_devices, group_households, wait_for_nodes
+from homesplit.strategies.link_probes import probe_household_links, with_measured_links
 from homesplit.strategies.planning import PlanFn, segment_names, stage_messages
 from homesplit.strategies.replanning import HouseholdPlanner
 
@@ -87,6 +88,15 @@ class HomesplitStrategy(Strategy):
         Seconds to wait for the discovery replies.
     nodes_timeout : float, default 300.0
         Seconds to wait for `min_available_nodes` nodes to connect.
+    link_probe_seconds : float, default 30.0
+        With the "time" or "energy" planner, discovery ends with a link
+        probe: each household's data owner measures its link to every other
+        device of the household over the household's link (mutual TLS unless
+        the devices run with insecure-links), as `homesplit.link_probes`
+        describes. This is the time the owner may spend on one device,
+        connecting included. The server waits `discovery_timeout` plus this
+        time per device of the largest household. A link that was not
+        measured is planned with `homesplit.planner.DEFAULT_LINK`, with a WARNING.
     planner : {"balanced", "time", "energy"}, default "balanced"
         How households are cut. "balanced" balances parameter counts
         (`homesplit.household_plan.plan_household`). "time" and "energy" run
@@ -125,6 +135,7 @@ class HomesplitStrategy(Strategy):
         weighted_by_key: str = "num-examples",
         discovery_timeout: float = 120.0,
         nodes_timeout: float = 300.0,
+        link_probe_seconds: float = 30.0,
         planner: str = "balanced",
         batch_size: int = 32,
         plan_fn: PlanFn | None = None,
@@ -139,6 +150,8 @@ class HomesplitStrategy(Strategy):
             raise ConfigError(f"num_microbatches={num_microbatches} must be at least 1")
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be at least 1")
+        if not (math.isfinite(link_probe_seconds) and link_probe_seconds > 0):
+            raise ConfigError(f"link_probe_seconds={link_probe_seconds!r} must be a positive, finite number of seconds")
         if plan_fn is None:
             plan_fn = _planner_fn(planner, model_fn=model_fn, batch_size=batch_size)
         elif planner != "balanced":
@@ -157,6 +170,8 @@ class HomesplitStrategy(Strategy):
         self.weighted_by_key = weighted_by_key
         self.discovery_timeout = discovery_timeout
         self.nodes_timeout = nodes_timeout
+        self.link_probe_seconds = link_probe_seconds
+        self._probe_sessions = 0
         self.planner = planner
         self.batch_size = batch_size
         self.plan_fn = plan_fn
@@ -297,6 +312,17 @@ class HomesplitStrategy(Strategy):
             return
         logger.info("Discovering %d nodes", len(node_ids))
         self.devices = discover_devices(grid, sorted(node_ids), timeout=self.discovery_timeout)
+        if self.planner != "balanced":
+            # Only the profile-driven planners read link figures.
+            self._probe_sessions += 1
+            measured = probe_household_links(
+                grid,
+                group_households(self.devices),
+                session=self._probe_sessions,
+                budget_seconds=self.link_probe_seconds,
+                timeout=self.discovery_timeout,
+            )
+            self.devices = with_measured_links(self.devices, measured)
         self._discovered_nodes = node_ids
 
     def _plan_all(self) -> dict[str, HouseholdPlan]:
@@ -348,7 +374,7 @@ def _planner_fn(planner: str, *, model_fn: Callable[[], nn.Module], batch_size: 
         return plan_household
     if planner in OBJECTIVES:
         # NOTE: memory is planned for Adam's optimizer state whatever optimizer the train
-        # config names, which overestimates it for SGD, and every link is DEFAULT_LINK.
+        # config names, which overestimates it for SGD.
         return functools.partial(plan_household_profiled, objective=planner, batch_size=batch_size, model_fn=model_fn)
     raise ConfigError(f"planner={planner!r} is unknown; use one of {', '.join(PLANNERS)}")
 

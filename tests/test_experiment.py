@@ -78,3 +78,56 @@ def test_more_devices_than_layers_rejected(tmp_path):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, text)
     assert "more stages than the model's 15 layers" in str(info.value)
+
+
+POWERED = VALID.replace("{name: laptop, holds-data: true}", "{name: laptop, holds-data: true, idle-watts: 6, busy-watts: 35}").replace(
+    "{name: phone}", "{name: phone, idle-watts: 0.5, busy-watts: 4}"
+)
+
+
+def test_planner_defaults_to_balanced(tmp_path):
+    experiment = _load(tmp_path, VALID)
+    assert experiment.config["planner"] == {"objective": "balanced", "link-probe-seconds": 30.0}
+
+
+def test_planner_reaches_run_config(tmp_path):
+    from homesplit.cli_run import run_config, supernode_specs
+
+    experiment = _load(tmp_path, POWERED + "planner: {objective: energy, link-probe-seconds: 12}\n")
+    overrides = run_config(experiment, tmp_path / "results.json")
+    assert overrides["planner"] == "energy"
+    assert overrides["link-probe-seconds"] == 12.0
+    laptop = supernode_specs(experiment, None)[0].node_config
+    assert (laptop["idle-watts"], laptop["busy-watts"]) == (6.0, 35.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("planner: {objective: fastest}", "planner.objective='fastest' is invalid; allowed: balanced, time, energy"),
+        ("planner: {goal: time}", "unknown key 'planner.goal'"),
+        ("planner: time", "planner='time' must be a mapping"),
+        ("planner: {link-probe-seconds: 0}", "planner.link-probe-seconds=0 is invalid"),
+        ("planner: {link-probe-seconds: .inf}", "planner.link-probe-seconds=inf is invalid"),
+        ("planner: {objective: energy}", "household household-a has none on ['laptop', 'phone']; add them"),
+    ],
+)
+def test_invalid_planner_rejected(tmp_path, extra, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, VALID + extra + "\n")
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("{name: phone, idle-watts: 2}", "gives only idle-watts=2; give both idle-watts and busy-watts"),
+        ("{name: phone, idle-watts: 5, busy-watts: 3}", "busy-watts=3 is below idle-watts=5"),
+        ("{name: phone, idle-watts: -1, busy-watts: 3}", "idle-watts=-1 is invalid"),
+        ("{name: phone, idle-watts: true, busy-watts: 3}", "idle-watts=True is invalid"),
+    ],
+)
+def test_invalid_device_watts_rejected(tmp_path, device, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, VALID.replace("{name: phone}", device))
+    assert expected in str(info.value)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from homesplit.errors import ConfigError, LinkError
+from homesplit.errors import ConfigError, LinkError, PeerTimeoutError
 from homesplit.link import Link
 from homesplit.planner.profiles import LinkProfile
 from homesplit.wire import Frame, FrameKind
@@ -48,6 +48,7 @@ def measure_link(
     large_bytes: int = 1 << 20,
     repeats: int = 9,
     timeout: float = 30.0,
+    deadline: float | None = None,
 ) -> LinkProfile:
     """Measure `link` against a peer that runs `echo_link_probes`.
 
@@ -63,6 +64,9 @@ def measure_link(
         Timed round trips per probe size, after one untimed round trip each.
     timeout : float, default 30.0
         Deadline for each echo, in seconds.
+    deadline : float or None, default None
+        `time.monotonic` time by which the whole measurement must end; None
+        bounds each echo by `timeout` only.
 
     Returns
     -------
@@ -76,6 +80,7 @@ def measure_link(
         If a size or the repeat count is invalid.
     LinkError
         If the peer does not echo a probe in time, or echoes the wrong one.
+        A `PeerTimeoutError` when `deadline` passes.
     """
     if not 0 < small_bytes < large_bytes:
         raise ConfigError(
@@ -93,7 +98,7 @@ def measure_link(
             trips = []
             for index in range(repeats + 1):
                 start = time.perf_counter()
-                _round_trip(link, payload, sequence, timeout)
+                _round_trip(link, payload, sequence, _echo_wait(link, timeout, deadline))
                 if index > 0:
                     trips.append(time.perf_counter() - start)
                 sequence += 1
@@ -181,6 +186,16 @@ def measure_link_pair(measuring: Link, echoing: Link, *, timeout: float = 30.0, 
     if errors:
         raise errors[0]
     return profile
+
+
+def _echo_wait(link: Link, timeout: float, deadline: float | None) -> float:
+    """Return how long to wait for the next echo: `timeout`, cut short by `deadline`."""
+    if deadline is None:
+        return timeout
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise PeerTimeoutError(f"measuring the link to {link.peer} did not finish before its deadline", peer=link.peer)
+    return min(timeout, remaining)
 
 
 def _round_trip(link: Link, payload: torch.Tensor, sequence: int, timeout: float) -> None:

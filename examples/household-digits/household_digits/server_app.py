@@ -58,6 +58,9 @@ def main(grid: Grid, context: Context) -> None:
         max_stages=int(config["max-stages"]) or None,
         num_microbatches=int(config["num-microbatches"]),
         schedule=str(config["schedule"]),
+        planner=str(config.get("planner", "balanced")),
+        batch_size=int(config["batch-size"]),
+        link_probe_seconds=float(config.get("link-probe-seconds", 30.0)),
         seed=seed,
     )
     train_config = ConfigRecord(
