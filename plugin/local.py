@@ -3,7 +3,8 @@
 This is how tests and benchmarks stand in for a household: each stage is a
 `homesplit.worker` process, and the stages talk over real sockets on
 loopback. The parent opens every listening socket itself and hands it to the
-child by file descriptor, so ports are chosen without a race.
+child by file descriptor, so ports are chosen without a race. A caller that
+runs the stages in network namespaces gives the listen addresses instead.
 
 `train_reference` trains the same job unsplit in this process; it is the
 independent reference that the pipeline must match.
@@ -132,6 +133,17 @@ def run_local_pipelines(
     started : callable, optional
         Called with the list of `subprocess.Popen` objects once all started,
         so a caller can inspect or signal them (tests kill one this way).
+    stage_prefixes : sequence of sequence of str, optional
+        Per stage, a command that runs the stage's Python command, for example
+        ``["ip", "netns", "exec", NAME]`` to run it in a network namespace.
+        The command must exec its argument, so that the process id stays the
+        stage's. None runs every stage directly.
+    listen_addresses : sequence of str, optional
+        ``HOST:PORT`` that stage ``k + 1`` listens on and stage ``k`` dials,
+        one per cut. None lets this process open each listener on 127.0.0.1
+        with a free port and hand it over by file descriptor. Give addresses
+        when the stages run in other network namespaces, because a socket
+        stays in the namespace of the process that created it.
 
     Raises
     ------
@@ -160,6 +172,8 @@ def _launch(
     connect_timeout: float = 60.0,
     extra_env: Mapping[str, str] | None = None,
     started: Any = None,
+    stage_prefixes: Sequence[Sequence[str]] | None = None,
+    listen_addresses: Sequence[str] | None = None,
 ) -> list[LocalRun]:
     work.mkdir(parents=True, exist_ok=True)
     num_stages = jobs[0].num_stages
@@ -175,25 +189,36 @@ def _launch(
     if transport == "tls" and (not bundles or len(bundles) != num_stages):
         raise HomesplitError(f"transport 'tls' needs {num_stages} bundle folders, one per stage; got {bundles}")
 
-    listeners = [open_listener("127.0.0.1:0") for _ in range(num_stages - 1)]
-    addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in listeners]
+    if stage_prefixes is not None and len(stage_prefixes) != num_stages:
+        raise HomesplitError(f"stage_prefixes has {len(stage_prefixes)} entries; give one per stage ({num_stages})")
+    if listen_addresses is not None and len(listen_addresses) != num_stages - 1:
+        raise HomesplitError(f"listen_addresses has {len(listen_addresses)} entries; give one per cut ({num_stages - 1})")
+
+    if listen_addresses is None:
+        listeners = [open_listener("127.0.0.1:0") for _ in range(num_stages - 1)]
+        addresses = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in listeners]
+    else:
+        listeners, addresses = [], list(listen_addresses)
     env = dict(os.environ)
     env.update(extra_env or {})
     processes: list[subprocess.Popen] = []
     start = time.perf_counter()
     try:
         for stage in range(num_stages):
+            prefix = list(stage_prefixes[stage]) if stage_prefixes is not None else []
             command = [
-                sys.executable, "-m", "homesplit.worker",
+                *prefix, sys.executable, "-m", "homesplit.worker",
                 "--job", str(job_path), "--stage", str(stage), "--weights", str(work / f"stage{stage}.init"),
                 "--out", str(work / f"stage{stage}"), "--transport", transport, "--threads", str(threads),
                 "--peer-silence", str(peer_silence), "--connect-timeout", str(connect_timeout),
             ]  # fmt: skip
             pass_fds: tuple[int, ...] = ()
-            if stage > 0:
+            if stage > 0 and listeners:
                 fd = listeners[stage - 1].fileno()
                 command += ["--listen", f"fd:{fd}"]
                 pass_fds = (fd,)
+            elif stage > 0:
+                command += ["--listen", addresses[stage - 1]]
             if stage < num_stages - 1:
                 command += ["--next", addresses[stage]]
             if transport == "tls":
