@@ -17,7 +17,7 @@ from typing import Any
 from homesplit.errors import ConfigError
 from homesplit.planner.devices import load_devices
 from homesplit.planner.optimize import plan_household
-from homesplit.planner.plan import OBJECTIVES, Plan
+from homesplit.planner.plan import OBJECTIVES, Plan, StagePlan
 from homesplit.planner.profiles import DeviceProfile
 from homesplit.schedule import SCHEDULES
 
@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--microbatches", type=int, nargs="+", default=None, metavar="M", help="micro-batch counts to choose from (default: 1 2 4 8 16 32, those up to the batch size)")
     parser.add_argument("--data-owner", default=None, metavar="DEVICE", help="device that holds the data and must run stage 0 (default: any)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while profiling; stage processes use 1 (default: 1)")
+    parser.add_argument(
+        "--measure-overhead", action="store_true",
+        help="also measure the stage runtime's seconds per micro-batch with two local stage processes (a few seconds); "
+        "without it the plan leaves that cost out unless the cached profile has it",
+    )  # fmt: skip
     parser.add_argument("--cache", type=Path, default=None, metavar="JSON", help="profile cache file; a cached profile of the same model and shape is reused")
     parser.add_argument("--out", type=Path, default=None, metavar="JSON", help="also write the plan as JSON to this file")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
@@ -82,6 +87,7 @@ def _plan(args: argparse.Namespace) -> int:
         microbatch_candidates=args.microbatches,
         optimizer=args.optimizer,
         data_owner=args.data_owner,
+        stage_overhead_seconds=profile.stage_overhead_seconds or 0.0,
     )
 
     if args.out is not None:
@@ -120,7 +126,7 @@ def _profile(args: argparse.Namespace, model_kwargs: dict[str, Any]):
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return profile_model(model, (example,), cache_path=args.cache)
+        return profile_model(model, (example,), cache_path=args.cache, measure_overhead=args.measure_overhead)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -139,11 +145,14 @@ def format_plan(plan: Plan, devices: list[DeviceProfile]) -> str:
     """Return the plan as a text table with one row per stage, and a summary.
 
     Energy per stage is joules per mini-batch: busy watts while the stage
-    computes and idle watts for the rest of the step. It is "-" where the
-    device has no power figures.
+    computes or its runtime works, and idle watts for the rest of the step.
+    It is "-" where the device has no power figures.
     """
     by_name = {device.name: device for device in devices}
-    header = ["stage", "device", "layers", "parameters", "memory MiB", "compute ms/mb", "transfer ms/mb", "energy J/step"]
+    header = [
+        "stage", "device", "layers", "parameters", "memory MiB", "compute ms/mb", "runtime ms/mb", "transfer ms/mb",
+        "energy J/step",
+    ]  # fmt: skip
     rows = [header]
     for stage in plan.stages:
         rows.append(
@@ -154,8 +163,9 @@ def format_plan(plan: Plan, devices: list[DeviceProfile]) -> str:
                 f"{stage.parameter_count:,}",
                 f"{stage.memory_bytes / 2**20:.2f}",
                 f"{stage.compute_seconds * 1e3:.3f}",
+                f"{stage.runtime_seconds * 1e3:.3f}",
                 f"{stage.transfer_seconds * 1e3:.3f}",
-                _stage_energy(plan, stage.compute_seconds, by_name[stage.device]),
+                _stage_energy(plan, stage, by_name[stage.device]),
             ]
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
@@ -179,10 +189,12 @@ def _layer_range(layers: list[str]) -> str:
     return f"{layers[0]} .. {layers[-1]} ({len(layers)})"
 
 
-def _stage_energy(plan: Plan, compute_seconds: float, device: DeviceProfile) -> str:
+def _stage_energy(plan: Plan, stage: StagePlan, device: DeviceProfile) -> str:
     if not device.has_power:
         return "-"
-    # compute_seconds covers the largest micro-batch, but a step computes every sample once.
-    busy = compute_seconds / plan.microbatch_size * plan.batch_size
+    # compute_seconds covers the largest micro-batch, but a step computes every
+    # sample once, and the runtime's cost comes once per micro-batch that runs.
+    count = math.ceil(plan.batch_size / plan.microbatch_size)
+    busy = stage.compute_seconds / plan.microbatch_size * plan.batch_size + count * stage.runtime_seconds
     joules = device.busy_watts * busy + device.idle_watts * max(0.0, plan.step_seconds - busy)
     return f"{joules:.4g}" if math.isfinite(joules) else "-"

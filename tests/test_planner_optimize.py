@@ -91,6 +91,8 @@ def plan_or_error(planner, *args, **kwargs) -> Plan | None:
 @pytest.mark.parametrize("objective", ["time", "energy"])
 def test_dynamic_program_matches_brute_force(objective):
     rng = random.Random(20261204 if objective == "time" else 4021)
+    # A second generator keeps the cases of `rng` as they were before the overhead existed.
+    overhead_rng = random.Random(97)
     compared = 0
     for _ in range(TRIALS):
         num_devices = rng.randint(2, 5)
@@ -105,6 +107,7 @@ def test_dynamic_program_matches_brute_force(objective):
             microbatch_candidates=rng.sample([1, 2, 3, 4, 8, 16], 3),
             optimizer=rng.choice(["sgd", "adam"]),
             data_owner=rng.choice([None, devices[0].name]),
+            stage_overhead_seconds=overhead_rng.choice([0.0, overhead_rng.uniform(1e-4, 2e-2)]),
         )
         links = random_links(rng, devices)
 
@@ -186,6 +189,45 @@ def test_step_cost_hand_example():
     assert cost.energy_joules_per_sample == pytest.approx((10 * 2 + 2 * 2.5 + 5 * 2 + 1 * 2.5) / 4)
 
 
+def test_step_cost_counts_stage_overhead():
+    layers = [
+        make_layer(0, last=False, seconds=0.5, output=1000, parameters=0, activation=0),
+        make_layer(1, last=True, seconds=1.0, output=0, parameters=0, activation=0),
+    ]
+    devices = [
+        DeviceProfile(name="a", speed=1.0, memory_bytes=10**9, idle_watts=2.0, busy_watts=10.0),
+        DeviceProfile(name="b", speed=2.0, memory_bytes=10**9, idle_watts=1.0, busy_watts=5.0),
+    ]
+    links = LinkTable(default=LinkProfile(bandwidth_bytes_per_second=1e12, latency_seconds=0.0))
+    model = CostModel(
+        layers, devices, links, batch_size=4, schedule="1f1b", optimizer="sgd", stage_overhead_seconds=0.5
+    )
+
+    cost = model.step_cost([0, 1, 2], devices, num_microbatches=2)
+
+    # Micro-batch of 2: stage a computes 1.0 s plus 0.5 s of runtime, stage b
+    # computes 1.0 s plus 0.5 / 2 s of runtime at speed 2.
+    assert cost.bottleneck_seconds == pytest.approx(1.5)
+    assert cost.step_seconds == pytest.approx((2 + 2 - 1) * 1.5)
+    # Busy per step: a (4 * 0.5 + 2 * 0.5) / 1 = 3.0 s, b (4 * 1.0 + 2 * 0.5) / 2 = 2.5 s.
+    assert cost.energy_joules_per_sample == pytest.approx((10 * 3.0 + 2 * 1.5 + 5 * 2.5 + 1 * 2.0) / 4)
+
+
+def test_stage_overhead_favours_fewer_stages():
+    layers = [make_layer(i, last=i == 1, seconds=1e-3, output=1, parameters=1, activation=1) for i in range(2)]
+    devices = [DeviceProfile(name=f"d{i}", speed=1.0, memory_bytes=10**9) for i in range(2)]
+    links = LinkTable(default=LinkProfile(bandwidth_bytes_per_second=1e12, latency_seconds=0.0))
+    arguments = {"batch_size": 8, "microbatch_candidates": [4], "optimizer": "sgd"}
+
+    without = plan_household(layers, devices, links, **arguments)
+    # Two stages: 5 slots of 2 + 10 ms = 60 ms; one stage: 4 slots of 4 + 10 ms = 56 ms.
+    with_overhead = plan_household(layers, devices, links, stage_overhead_seconds=0.01, **arguments)
+
+    assert without.num_stages == 2
+    assert with_overhead.num_stages == 1
+    assert with_overhead.step_seconds == pytest.approx(0.056)
+
+
 def test_slow_device_left_idle():
     layers = [make_layer(i, last=i == 3, seconds=0.01, output=10, parameters=10, activation=10) for i in range(4)]
     devices = [
@@ -250,6 +292,7 @@ def test_infeasible_plan_names_layer_and_device():
         ({"optimizer": "lion"}, "optimizer='lion'"),
         ({"data_owner": "tv"}, "data_owner='tv'"),
         ({"objective": "energy"}, "missing on laptop"),
+        ({"stage_overhead_seconds": -1.0}, "stage_overhead_seconds=-1.0"),
     ],
 )
 def test_invalid_arguments_raise_config_error(kwargs, fragment):
@@ -264,12 +307,18 @@ def test_plan_json_round_trip():
     rng = random.Random(11)
     layers = random_layers(rng, 6)
     devices = random_devices(rng, 4, memory_scale=10**9)
-    plan = plan_household(layers, devices, random_links(rng, devices), batch_size=16, objective="energy")
+    plan = plan_household(
+        layers, devices, random_links(rng, devices), batch_size=16, objective="energy", stage_overhead_seconds=1e-3
+    )
 
     text = plan.to_json()
 
     assert isinstance(json.loads(text), dict)
+    assert json.loads(text)["stage_overhead_seconds"] == 1e-3
     assert Plan.from_json(text) == plan
+    speeds = {device.name: device.speed for device in devices}
+    for stage in plan.stages:
+        assert stage.runtime_seconds == pytest.approx(1e-3 / speeds[stage.device])
 
 
 def test_plan_cuts_follow_stage_boundaries():
@@ -288,9 +337,13 @@ def test_profiles_json_round_trip():
     layers = random_layers(rng, 3)
     devices = random_devices(rng, 2, memory_scale=10**6)
     links = random_links(rng, devices)
-    model = ModelProfile(layers=layers, reference_flops_per_second=1e10, batch_shape=[[8, 3]], signature="abc")
+    model = ModelProfile(
+        layers=layers, reference_flops_per_second=1e10, batch_shape=[[8, 3]], signature="abc", stage_overhead_seconds=2e-4
+    )
+    cached_without_overhead = {key: value for key, value in model.to_dict().items() if key != "stage_overhead_seconds"}
 
     assert ModelProfile.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+    assert ModelProfile.from_dict(cached_without_overhead).stage_overhead_seconds is None
     assert LinkTable.from_dict(json.loads(json.dumps(links.to_dict()))) == links
     for device in devices:
         assert DeviceProfile.from_dict(json.loads(json.dumps(device.to_dict()))) == device

@@ -7,14 +7,19 @@ mini-batch of ``B`` samples into ``M`` micro-batches of at most
 per sample on the reference device:
 
 - compute of stage ``s`` per micro-batch: ``b * sum(t) / speed``;
+- runtime of stage ``s`` per micro-batch: ``r / speed``, with ``r`` the
+  reference seconds that the stage runtime spends on one micro-batch apart
+  from the model (splitting, framing, link threads, Python). It runs on the
+  stage's device, so it slows down with the device like compute does;
 - transfer across the cut after stage ``s`` per micro-batch: the activation
   goes downstream and its gradient of the same size comes back, one after the
   other, each taking ``latency + b * bytes_per_sample / bandwidth``. Sending
   both directions in turn models a half-duplex link such as Wi-Fi;
-- bottleneck: the largest stage compute or transfer per micro-batch;
+- bottleneck: the largest stage compute plus runtime, or transfer, per micro-batch;
 - step time: ``(M + S - 1) * bottleneck``, the fill-drain length of a pipeline
   in which every slot lasts as long as the slowest stage or link;
-- busy time of stage ``s`` per step: ``B * sum(t) / speed``; the rest of the
+- busy time of stage ``s`` per step: ``(B * sum(t) + m * r) / speed``, with
+  ``m = ceil(B / b)`` the micro-batches that actually run; the rest of the
   step, ``step - busy``, is that device's bubble;
 - energy per sample: ``sum over used devices of (busy_watts * busy + idle_watts
   * (step - busy)) / B``. Devices without a stage are left idle and not counted.
@@ -50,7 +55,8 @@ class StepCost:
     Parameters
     ----------
     bottleneck_seconds : float
-        Largest stage compute or link transfer per micro-batch, in seconds.
+        Largest stage compute plus runtime, or link transfer, per micro-batch,
+        in seconds.
     step_seconds : float
         Predicted time of one mini-batch, in seconds.
     energy_joules_per_sample : float or None
@@ -82,12 +88,17 @@ class CostModel:
     optimizer : str
         Optimizer kind whose state counts towards memory; every layer profile
         must list it.
+    stage_overhead_seconds : float, default 0.0
+        Seconds the stage runtime spends per micro-batch and stage on the
+        reference device, apart from the model's compute (`ModelProfile`'s
+        figure from `measure_stage_overhead`). A device of speed ``v`` spends
+        ``stage_overhead_seconds / v``. 0.0 leaves the runtime out.
 
     Raises
     ------
     ConfigError
-        If a count, name or the schedule is invalid, or a layer profile lacks
-        the optimizer.
+        If a count, name, the schedule or the overhead is invalid, or a layer
+        profile lacks the optimizer.
     """
 
     def __init__(
@@ -99,14 +110,20 @@ class CostModel:
         batch_size: int,
         schedule: str,
         optimizer: str,
+        stage_overhead_seconds: float = 0.0,
     ) -> None:
         _check_inputs(layers, devices, batch_size=batch_size, schedule=schedule)
+        if not (isinstance(stage_overhead_seconds, (int, float)) and 0 <= stage_overhead_seconds < math.inf):
+            raise ConfigError(
+                f"stage_overhead_seconds={stage_overhead_seconds!r} must be a finite number of seconds >= 0"
+            )
         self.layers = list(layers)
         self.devices = list(devices)
         self.links = links
         self.batch_size = batch_size
         self.schedule = schedule
         self.optimizer = optimizer
+        self.stage_overhead_seconds = float(stage_overhead_seconds)
 
         # Prefix sums make every segment's cost O(1).
         self._seconds = [0.0, *accumulate(layer.seconds_per_sample for layer in layers)]
@@ -133,9 +150,24 @@ class CostModel:
         """Return forward plus backward seconds of units ``[start, stop)`` for one micro-batch."""
         return microbatch_size * (self._seconds[stop] - self._seconds[start]) / device.speed
 
-    def busy_seconds(self, start: int, stop: int, device: DeviceProfile) -> float:
-        """Return the seconds `device` computes units ``[start, stop)`` in one mini-batch."""
-        return self.batch_size * (self._seconds[stop] - self._seconds[start]) / device.speed
+    def runtime_seconds(self, device: DeviceProfile) -> float:
+        """Return the seconds the stage runtime spends on `device` per micro-batch, apart from compute."""
+        return self.stage_overhead_seconds / device.speed
+
+    def stage_seconds(self, start: int, stop: int, device: DeviceProfile, *, microbatch_size: int) -> float:
+        """Return compute plus runtime seconds of a stage that runs units ``[start, stop)``, per micro-batch."""
+        return self.compute_seconds(start, stop, device, microbatch_size=microbatch_size) + self.runtime_seconds(device)
+
+    def busy_seconds(self, start: int, stop: int, device: DeviceProfile, *, num_microbatches: int) -> float:
+        """Return the seconds `device` works on units ``[start, stop)`` in one mini-batch.
+
+        That is the compute of every sample plus the runtime of every
+        micro-batch that runs: ``ceil(B / ceil(B / M))``, which is below ``M``
+        when ``M`` does not divide ``B`` evenly enough.
+        """
+        count = math.ceil(self.batch_size / self.microbatch_size(num_microbatches))
+        compute = self.batch_size * (self._seconds[stop] - self._seconds[start])
+        return (compute + count * self.stage_overhead_seconds) / device.speed
 
     def memory_bytes(self, start: int, stop: int, *, kept_microbatches: int, microbatch_size: int) -> int:
         """Return the peak memory of a stage that runs units ``[start, stop)``, in bytes."""
@@ -182,7 +214,7 @@ class CostModel:
         size = self.microbatch_size(num_microbatches)
         bottleneck = 0.0
         for s, device in enumerate(devices):
-            bottleneck = max(bottleneck, self.compute_seconds(bounds[s], bounds[s + 1], device, microbatch_size=size))
+            bottleneck = max(bottleneck, self.stage_seconds(bounds[s], bounds[s + 1], device, microbatch_size=size))
             if s + 1 < len(devices):
                 transfer = self.transfer_seconds(bounds[s + 1], device, devices[s + 1], microbatch_size=size)
                 bottleneck = max(bottleneck, transfer)
@@ -192,7 +224,7 @@ class CostModel:
         if all(device.has_power for device in devices):
             joules = 0.0
             for s, device in enumerate(devices):
-                busy = self.busy_seconds(bounds[s], bounds[s + 1], device)
+                busy = self.busy_seconds(bounds[s], bounds[s + 1], device, num_microbatches=num_microbatches)
                 joules += device.busy_watts * busy + device.idle_watts * (step - busy)
             energy = joules / self.batch_size
         return StepCost(bottleneck_seconds=bottleneck, step_seconds=step, energy_joules_per_sample=energy)
@@ -219,6 +251,7 @@ class CostModel:
                     parameter_count=self.parameter_count(start, stop),
                     memory_bytes=self.memory_bytes(start, stop, kept_microbatches=kept_count, microbatch_size=size),
                     compute_seconds=self.compute_seconds(start, stop, device, microbatch_size=size),
+                    runtime_seconds=self.runtime_seconds(device),
                     transfer_seconds=transfer,
                 )
             )
@@ -231,6 +264,7 @@ class CostModel:
             schedule=self.schedule,
             objective=objective,
             optimizer=self.optimizer,
+            stage_overhead_seconds=self.stage_overhead_seconds,
             bottleneck_seconds=cost.bottleneck_seconds,
             step_seconds=cost.step_seconds,
             energy_joules_per_sample=cost.energy_joules_per_sample,

@@ -141,7 +141,9 @@ def plan_from_discovery(
     Parameters
     ----------
     model_profile : ModelProfile
-        Layer profile of the model, measured on the reference device.
+        Layer profile of the model, measured on the reference device. Its
+        `stage_overhead_seconds`, when measured, is charged to every stage
+        per micro-batch.
     reports : sequence of mapping
         One discovery reply per device; see this module's docstring.
     links : LinkTable or None, default None
@@ -191,6 +193,7 @@ def plan_from_discovery(
         microbatch_candidates=microbatch_candidates,
         optimizer=optimizer,
         data_owner=owner,
+        stage_overhead_seconds=model_profile.stage_overhead_seconds or 0.0,
     )
 
 

@@ -11,7 +11,9 @@ stages. A state is ``(start, device, used)``: units ``[start, n)`` run on the
 devices in the set ``used``, the first of them on ``device``. Its value is the
 Pareto front of (bottleneck seconds, additive joules) over all ways to reach
 it, where the additive part is ``sum((busy_watts - idle_watts) * busy
-seconds)`` over the stages. Both objectives grow with both numbers once
+seconds)`` over the stages. A stage's share of the bottleneck is its compute
+plus its runtime overhead per micro-batch, and its busy seconds include that
+overhead for every micro-batch, as in `homesplit.planner.costs`. Both objectives grow with both numbers once
 ``used`` is fixed, since
 
 - time = ``(M + S - 1) * bottleneck``, and
@@ -60,6 +62,7 @@ def plan_household(
     microbatch_candidates: Iterable[int] | None = None,
     optimizer: str = "adam",
     data_owner: str | None = None,
+    stage_overhead_seconds: float = 0.0,
 ) -> Plan:
     """Plan one household: cut points, the device of each segment and the micro-batch count.
 
@@ -90,6 +93,11 @@ def plan_household(
     data_owner : str or None, default None
         Device that must run stage 0, for example the one that stores the
         data; None lets the planner choose.
+    stage_overhead_seconds : float, default 0.0
+        Seconds the stage runtime spends per micro-batch and stage on the
+        reference device, apart from compute: `ModelProfile.stage_overhead_seconds`.
+        Every stage pays it divided by its device's speed, so it also charges
+        each extra stage. 0.0 leaves the runtime out of the prediction.
 
     Returns
     -------
@@ -106,7 +114,8 @@ def plan_household(
         largest unit and the largest device memory.
     """
     model, counts, owner = _prepare(
-        layers, devices, links, batch_size, objective, schedule, microbatch_candidates, optimizer, data_owner
+        layers, devices, links, batch_size, objective, schedule, microbatch_candidates, optimizer, data_owner,
+        stage_overhead_seconds,
     )
     best: tuple[float, int, list[int], list[int]] | None = None
     bound = _single_device_bound(model, counts, objective=objective, owner=owner)
@@ -144,6 +153,7 @@ def brute_force(
     microbatch_candidates: Iterable[int] | None = None,
     optimizer: str = "adam",
     data_owner: str | None = None,
+    stage_overhead_seconds: float = 0.0,
 ) -> Plan:
     """Plan one household by trying every cut set, device order and micro-batch count.
 
@@ -152,7 +162,8 @@ def brute_force(
     and devices, and meant as the reference in tests.
     """
     model, counts, owner = _prepare(
-        layers, devices, links, batch_size, objective, schedule, microbatch_candidates, optimizer, data_owner
+        layers, devices, links, batch_size, objective, schedule, microbatch_candidates, optimizer, data_owner,
+        stage_overhead_seconds,
     )
     n = len(model.layers)
     best_value = math.inf
@@ -186,10 +197,17 @@ def _prepare(
     microbatch_candidates: Iterable[int] | None,
     optimizer: str,
     data_owner: str | None,
+    stage_overhead_seconds: float,
 ) -> tuple[CostModel, list[int], int | None]:
     """Validate the arguments; return the cost model, micro-batch counts and data owner's index."""
     model = CostModel(
-        layers, devices, links or LinkTable(), batch_size=batch_size, schedule=schedule, optimizer=optimizer
+        layers,
+        devices,
+        links or LinkTable(),
+        batch_size=batch_size,
+        schedule=schedule,
+        optimizer=optimizer,
+        stage_overhead_seconds=stage_overhead_seconds,
     )
     check_objective(objective, devices)
 
@@ -227,7 +245,7 @@ def _solve(
     n = len(model.layers)
     size = model.microbatch_size(num_microbatches)
     energy = objective == "energy"
-    least_additive = _least_additive_prefix(model) if energy else [0.0] * (n + 1)
+    least_additive = _least_additive_prefix(model, num_microbatches) if energy else [0.0] * (n + 1)
     # A relative margin keeps rounding in the bound from dropping the optimum.
     limit = bound + abs(bound) * 1e-9
     fronts: dict[tuple[int, int, int], list[_Entry]] = {}
@@ -240,7 +258,14 @@ def _solve(
             kept = model.kept_microbatches(stages_from_end=num_used, num_microbatches=num_microbatches)
             for d in _members(used):
                 front = _extend(
-                    model, start, d, used, kept_microbatches=kept, size=size, energy=energy, fronts=fronts
+                    model,
+                    start,
+                    d,
+                    used,
+                    kept_microbatches=kept,
+                    num_microbatches=num_microbatches,
+                    energy=energy,
+                    fronts=fronts,
                 )
                 # Units before `start` add at least least_additive[start], and more
                 # devices only add stages and idle power, so this is a lower bound.
@@ -278,13 +303,26 @@ def _value(
     return (additive + idle_watts * slots * bottleneck) / model.batch_size
 
 
-def _least_additive_prefix(model: CostModel) -> list[float]:
+def _least_additive_prefix(model: CostModel, num_microbatches: int) -> list[float]:
     """Return, for each start, the least additive energy that units before it can add on any device."""
-    prefix = [0.0]
+    # The compute part of a stage's additive energy is a sum over its units.
+    compute = [0.0]
     for i in range(len(model.layers)):
-        least = min(_additive(model, i, i + 1, device, True) for device in model.devices)
-        prefix.append(prefix[-1] + least)
-    return prefix
+        least = min(
+            (device.busy_watts - device.idle_watts) * model.batch_size * model.layers[i].seconds_per_sample / device.speed
+            for device in model.devices
+        )
+        compute.append(compute[-1] + least)
+
+    # The runtime part is paid once per stage. Units before a start > 0 form at
+    # least one stage and at most one per device, and a device whose busy power
+    # is below its idle power makes that part negative.
+    count = math.ceil(model.batch_size / model.microbatch_size(num_microbatches))
+    runtime = min(
+        (device.busy_watts - device.idle_watts) * count * model.runtime_seconds(device) for device in model.devices
+    )
+    runtime = runtime if runtime >= 0 else runtime * len(model.devices)
+    return [compute[0], *(value + runtime for value in compute[1:])]
 
 
 def _single_device_bound(model: CostModel, counts: Sequence[int], *, objective: str, owner: int | None) -> float:
@@ -309,12 +347,13 @@ def _extend(
     used: int,
     *,
     kept_microbatches: int,
-    size: int,
+    num_microbatches: int,
     energy: bool,
     fronts: dict[tuple[int, int, int], list[_Entry]],
 ) -> list[_Entry]:
     """Return the Pareto front of state ``(start, d, used)`` from the fronts of later starts."""
     n = len(model.layers)
+    size = model.microbatch_size(num_microbatches)
     device = model.devices[d]
     rest = used & ~(1 << d)
     candidates: list[_Entry] = []
@@ -324,8 +363,9 @@ def _extend(
         memory = model.memory_bytes(start, n, kept_microbatches=kept_microbatches, microbatch_size=size)
         if memory > device.memory_bytes:
             return []
-        compute = model.compute_seconds(start, n, device, microbatch_size=size)
-        return [(compute, _additive(model, start, n, device, energy), (start, d, None))]
+        compute = model.stage_seconds(start, n, device, microbatch_size=size)
+        additive = _additive(model, start, n, device, num_microbatches=num_microbatches, energy=energy)
+        return [(compute, additive, (start, d, None))]
 
     # Leave at least one unit for each later stage.
     for stop in range(start + 1, n - rest.bit_count() + 1):
@@ -333,8 +373,8 @@ def _extend(
         memory = model.memory_bytes(start, stop, kept_microbatches=kept_microbatches, microbatch_size=size)
         if memory > device.memory_bytes:
             break
-        compute = model.compute_seconds(start, stop, device, microbatch_size=size)
-        additive = _additive(model, start, stop, device, energy)
+        compute = model.stage_seconds(start, stop, device, microbatch_size=size)
+        additive = _additive(model, start, stop, device, num_microbatches=num_microbatches, energy=energy)
         for e in _members(rest):
             later = fronts.get((stop, e, rest))
             if not later:
@@ -346,10 +386,13 @@ def _extend(
     return _pareto(candidates)
 
 
-def _additive(model: CostModel, start: int, stop: int, device: DeviceProfile, energy: bool) -> float:
+def _additive(
+    model: CostModel, start: int, stop: int, device: DeviceProfile, *, num_microbatches: int, energy: bool
+) -> float:
     if not energy:
         return 0.0
-    return (device.busy_watts - device.idle_watts) * model.busy_seconds(start, stop, device)
+    busy = model.busy_seconds(start, stop, device, num_microbatches=num_microbatches)
+    return (device.busy_watts - device.idle_watts) * busy
 
 
 def _pareto(candidates: list[_Entry]) -> list[_Entry]:

@@ -44,6 +44,10 @@ class StagePlan:
     transfer_seconds : float
         Predicted time to send one micro-batch's activations to the next stage
         and receive their gradients back, in seconds; 0.0 for the last stage.
+    runtime_seconds : float, default 0.0
+        Predicted time the stage runtime spends on one micro-batch apart from
+        compute (splitting, framing, link threads, Python), on this stage's
+        device, in seconds.
     """
 
     index: int
@@ -55,6 +59,7 @@ class StagePlan:
     memory_bytes: int
     compute_seconds: float
     transfer_seconds: float
+    runtime_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the stage as a JSON-compatible dict."""
@@ -87,7 +92,8 @@ class Plan:
     optimizer : str
         Optimizer kind whose state the memory prediction includes.
     bottleneck_seconds : float
-        The largest stage compute or link transfer time per micro-batch, in seconds.
+        The largest stage compute plus runtime, or link transfer, per
+        micro-batch, in seconds.
     step_seconds : float
         Predicted time of one mini-batch: ``(num_microbatches + num_stages - 1)
         * bottleneck_seconds``, in seconds.
@@ -96,6 +102,10 @@ class Plan:
         when a used device has no power figures.
     idle_devices : list of str
         Devices that hold no stage and stay idle during training.
+    stage_overhead_seconds : float, default 0.0
+        Runtime seconds per micro-batch and stage on the reference device that
+        the prediction assumes. Each stage's `runtime_seconds` is this figure
+        divided by its device's speed. 0.0 when it was not measured.
     """
 
     stages: list[StagePlan]
@@ -109,6 +119,7 @@ class Plan:
     step_seconds: float
     energy_joules_per_sample: float | None
     idle_devices: list[str]
+    stage_overhead_seconds: float = 0.0
 
     @property
     def num_stages(self) -> int:

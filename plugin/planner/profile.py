@@ -20,6 +20,10 @@ NOTE: a tensor that one unit returns and the next unit saves for backward
 (a ReLU output feeding a Linear, say) is counted in both units. For a stage of
 several units, this double count raises the activation estimate.
 
+With ``measure_overhead=True`` the profile also carries the stage runtime's
+cost per micro-batch and stage, which `homesplit.planner.overhead` measures
+with real stage processes.
+
 Profiles are cached in a JSON file keyed by a hash of the model structure,
 the cuts and the input shapes and dtypes.
 """
@@ -27,6 +31,7 @@ the cuts and the input shapes and dtypes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -63,6 +68,7 @@ def profile_model(
     cache_path: str | Path | None = None,
     repeats: int = 5,
     leaf_modules: Sequence[type] = (),
+    measure_overhead: bool = False,
 ) -> ModelProfile:
     """Profile every unit between consecutive cuts of `model` on this machine.
 
@@ -84,6 +90,11 @@ def profile_model(
         Timed forward plus backward passes per unit, after one untimed pass.
     leaf_modules : sequence of type, default ()
         Passed to `split_model` and `candidate_cuts`.
+    measure_overhead : bool, default False
+        Also measure `ModelProfile.stage_overhead_seconds` with
+        `measure_stage_overhead`, which starts two stage processes and takes
+        some seconds. A cached profile without the figure gets it measured
+        and written back. False leaves it None, or as cached.
 
     Returns
     -------
@@ -110,9 +121,13 @@ def profile_model(
 
     signature = model_signature(model, example_inputs, cuts)
     cached = _read_cache(cache_path, signature)
-    if cached is not None:
+    if cached is not None and (cached.stage_overhead_seconds is not None or not measure_overhead):
         logger.debug("profile %s of %s read from %s", signature[:12], type(model).__name__, cache_path)
         return cached
+    if cached is not None:
+        profile = dataclasses.replace(cached, stage_overhead_seconds=_measure_overhead())
+        _write_cache(cache_path, profile)
+        return profile
 
     names = [_first_unit_name(model, cuts), *cuts]
     layers = []
@@ -140,6 +155,7 @@ def profile_model(
         reference_flops_per_second=measure_matmul_flops(),
         batch_shape=[list(tensor.shape) for tensor in flatten_value(example_inputs)],
         signature=signature,
+        stage_overhead_seconds=_measure_overhead() if measure_overhead else None,
     )
     _write_cache(cache_path, profile)
     logger.info("profiled %d units of %s", len(layers), type(model).__name__)
@@ -159,6 +175,14 @@ def model_signature(model: nn.Module, example_inputs: tuple, cuts: Sequence[str]
     parts += [(list(tensor.shape), str(tensor.dtype)) for tensor in flatten_value(tuple(example_inputs))]
     digest.update(json.dumps(parts, default=str).encode())
     return digest.hexdigest()
+
+
+def _measure_overhead() -> float:
+    # Imported here: the stage runtime is only needed when the overhead is measured.
+    from homesplit.planner.overhead import measure_stage_overhead
+
+    # The layer times were taken with this thread count, so the stages are expected to run with it too.
+    return measure_stage_overhead(threads=torch.get_num_threads())
 
 
 def _profile_unit(

@@ -111,12 +111,18 @@ class ModelProfile:
         Shapes of the example inputs that were profiled.
     signature : str
         Hash of the model structure, cuts and input shapes; the profile cache key.
+    stage_overhead_seconds : float or None, default None
+        Seconds the stage runtime spends per micro-batch and stage on the
+        reference device apart from the model (splitting, framing, link
+        threads, Python), from `homesplit.planner.overhead.measure_stage_overhead`,
+        or None if it was not measured.
     """
 
     layers: list[LayerProfile]
     reference_flops_per_second: float
     batch_shape: list[list[int]]
     signature: str
+    stage_overhead_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the profile as a JSON-compatible dict."""
@@ -125,6 +131,7 @@ class ModelProfile:
             "reference_flops_per_second": self.reference_flops_per_second,
             "batch_shape": [list(shape) for shape in self.batch_shape],
             "signature": self.signature,
+            "stage_overhead_seconds": self.stage_overhead_seconds,
         }
 
     @classmethod
@@ -135,6 +142,8 @@ class ModelProfile:
             reference_flops_per_second=float(data["reference_flops_per_second"]),
             batch_shape=[list(shape) for shape in data["batch_shape"]],
             signature=str(data["signature"]),
+            # Profiles cached before the overhead was measured lack the key.
+            stage_overhead_seconds=data.get("stage_overhead_seconds"),
         )
 
 
