@@ -6,23 +6,32 @@ slow: its stage process runs in a cgroup v1 ``cpu`` group whose
 speed 0.25 for it. The other devices have speed 1.0, the speed of this machine
 with one torch thread. The benchmark then
 
-1. profiles the model in this process with one torch thread, as the stage
-   processes run, and measures a loopback TCP link with
-   `homesplit.planner.linkprobe`;
-2. plans the household with `plan_household` (stage 0 pinned to a fast device,
+1. puts every device in its own network namespace, joins each pair with a
+   veth pair shaped by ``tc tbf`` to 200 Mbit/s (see shaped_links.py), and
+   measures every pair with `homesplit.planner.linkprobe`;
+2. profiles the model in this process with one torch thread, as the stage
+   processes run, and measures the stage runtime's cost per micro-batch
+   (`measure_stage_overhead`, a real two-stage pipeline of a trivial model);
+3. calibrates: one stage process runs the whole model with 8 micro-batches,
+   and every unit's time is scaled so that the cost model, runtime overhead
+   included, predicts that run;
+4. plans the household with `plan_household` (stage 0 pinned to a fast device,
    which holds the data);
-3. runs the planned pipeline and an even split, one process per stage with
-   `run_local_pipeline`. The even split gives every stage the same reference
-   compute, on the same devices with the slow one second, and the same
-   micro-batch count;
-4. reports the median step time of stage 0 after the warm-up steps, the
-   predicted step time, and the speed-up of the planned split over the even one.
+5. runs the planned pipeline and an even split, one process per stage with
+   `run_local_pipeline`, each stage in its device's namespace. The even split
+   gives every stage the same reference compute, on the same devices with the
+   slow one second, and the same micro-batch count;
+6. reports the median step time of stage 0 after the warm-up steps, the
+   predicted step time with and without the runtime overhead term, and the
+   speed-up of the planned split over the even one.
 
 Where no cgroup v1 ``cpu`` controller is writable, the slow stage is instead
 stopped and continued with SIGSTOP and SIGCONT for 75% of every 100 ms, and
-the output says so under ``slowdown``.
+the output says so under ``slowdown``. Where the namespaces cannot be
+created, the stages talk over loopback TCP, and ``network`` in the output
+records that and the reason. The namespaces are deleted afterwards in every case.
 
-Run (as root, for the cgroup)::
+Run (as root, for the cgroup and the namespaces)::
 
     python benchmarks/planner.py [--quick] [--models cnn transformer]
 """
@@ -34,10 +43,12 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import platform
 import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +56,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from shaped_links import ShapedNetwork, measure_pair_links, shaped_network
 
 from homesplit.job import PipelineJob
 from homesplit.local import run_local_pipeline
@@ -61,6 +74,9 @@ CPU_SHARES = 65536
 CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 RUN_DEADLINE_SECONDS = 300.0
 WARMUP_STEPS = 2
+CALIBRATION_MICROBATCHES = 8
+# Every device the benchmark's households use: 2 stages use fast0 and slow.
+DEVICES = ("fast0", "fast1", "slow")
 
 MODELS = {
     "cnn": {
@@ -197,8 +213,15 @@ def even_bounds(seconds: list[float], num_stages: int) -> list[int]:
     return best[1]
 
 
-def run_pipeline(spec: dict, *, cuts: list[str], devices: list[str], num_microbatches: int, steps: int, slow: callable, workdir: Path) -> dict:
-    """Run one pipeline with the slow device's stage slowed; return stage 0's step times."""
+def run_pipeline(
+    spec: dict, *, cuts: list[str], devices: list[str], num_microbatches: int, steps: int, slow: callable, workdir: Path,
+    network: ShapedNetwork | None,
+) -> dict:
+    """Run one pipeline with the slow device's stage slowed; return stage 0's step times.
+
+    With a `network`, each stage runs in its device's namespace and links to
+    its neighbours over the shaped veth pairs; without one, over loopback.
+    """
     job = PipelineJob(
         model=spec["model"],
         model_kwargs=spec["model_kwargs"],
@@ -219,7 +242,15 @@ def run_pipeline(spec: dict, *, cuts: list[str], devices: list[str], num_microba
         if "slow" in devices:
             slow(processes[devices.index("slow")].pid)
 
-    run = run_local_pipeline(job, state, workdir=workdir, threads=1, started=started, deadline=RUN_DEADLINE_SECONDS)
+    placement = {}
+    if network is not None:
+        placement = {
+            "stage_prefixes": [network.prefix(device) for device in devices],
+            "listen_addresses": [network.listen_address(devices[k + 1], devices[k]) for k in range(len(devices) - 1)],
+        }
+    run = run_local_pipeline(
+        job, state, workdir=workdir, threads=1, started=started, deadline=RUN_DEADLINE_SECONDS, **placement
+    )
     seconds = [step["seconds"] for step in run.reports[0]["steps"]][WARMUP_STEPS:]
     return {
         "cuts": cuts,
@@ -231,7 +262,16 @@ def run_pipeline(spec: dict, *, cuts: list[str], devices: list[str], num_microba
     }
 
 
-def bench_model(name: str, *, num_stages: int, steps: int, links: LinkTable, slow: callable, workdir: Path) -> dict:
+def _bounds_of(plan, layers: list) -> list[int]:
+    """Return the unit bounds of `plan`'s stages, for the cost model."""
+    names = [layer.name for layer in layers]
+    return [*(names.index(stage.layers[0]) for stage in plan.stages), len(layers)]
+
+
+def bench_model(
+    name: str, *, num_stages: int, steps: int, links: LinkTable, slow: callable, workdir: Path,
+    network: ShapedNetwork | None,
+) -> dict:
     spec = MODELS[name]
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -242,56 +282,93 @@ def bench_model(name: str, *, num_stages: int, steps: int, links: LinkTable, slo
         example = torch.randint(1, spec["data_kwargs"]["vocab"], (spec["batch_size"], *spec["sample_shape"]))
     else:
         example = torch.randn(spec["batch_size"], *spec["sample_shape"])
-    profile = profile_model(model, (example,), repeats=9)
+    profile = profile_model(model, (example,), repeats=9, measure_overhead=True)
+    overhead = profile.stage_overhead_seconds
+    batch_size = spec["batch_size"]
 
-    # Calibration: one stage process runs the whole model with 8 micro-batches.
-    # Its measured step over the profile's prediction scales every unit, so the
-    # runtime's per-micro-batch work and the machine's load count as compute.
+    # Calibration: one stage process runs the whole model. The cost model
+    # predicts that run as batch * sum(t) * factor + M * overhead, so the
+    # factor that makes it exact scales every unit. It brings the per-unit
+    # profile, timed in this process, to what a stage process measures under
+    # the machine's current load.
     single = run_pipeline(
-        spec, cuts=[], devices=["fast0"], num_microbatches=8, steps=steps, slow=slow, workdir=workdir / f"{name}-{num_stages}-calibration"
-    )
-    raw_seconds = sum(layer.seconds_per_sample for layer in profile.layers) * spec["batch_size"]
-    factor = single["step_seconds_median"] / raw_seconds
+        spec, cuts=[], devices=["fast0"], num_microbatches=CALIBRATION_MICROBATCHES, steps=steps, slow=slow,
+        workdir=workdir / f"{name}-{num_stages}-calibration", network=network,
+    )  # fmt: skip
+    raw_seconds = sum(layer.seconds_per_sample for layer in profile.layers) * batch_size
+    count = math.ceil(batch_size / math.ceil(batch_size / CALIBRATION_MICROBATCHES))
+    factor = (single["step_seconds_median"] - count * overhead) / raw_seconds
+    if factor <= 0:
+        raise RuntimeError(
+            f"calibration failed for {name}: the one-stage step of {single['step_seconds_median']:.4g} s is "
+            f"shorter than {count} micro-batches of stage overhead ({overhead:.4g} s each); rerun on a quieter machine"
+        )
     layers = [dataclasses.replace(layer, seconds_per_sample=layer.seconds_per_sample * factor) for layer in profile.layers]
+    # The calibration as it was before the overhead term: all of the run goes into the units.
+    old_factor = single["step_seconds_median"] / raw_seconds
+    old_layers = [dataclasses.replace(layer, seconds_per_sample=layer.seconds_per_sample * old_factor) for layer in profile.layers]
 
     fast = [f"fast{k}" for k in range(num_stages - 1)]
     devices = [DeviceProfile(name=f, speed=1.0, memory_bytes=1 << 34) for f in fast]
     devices.append(DeviceProfile(name="slow", speed=SLOW_SPEED, memory_bytes=1 << 34))
     plan = plan_household(
-        layers, devices, links, batch_size=spec["batch_size"], microbatch_candidates=(4, 8), data_owner="fast0"
-    )
+        layers, devices, links, batch_size=batch_size, microbatch_candidates=(4, 8), data_owner="fast0",
+        stage_overhead_seconds=overhead,
+    )  # fmt: skip
 
     order = [devices[0], devices[-1], *devices[1:-1]]
     bounds = even_bounds([layer.seconds_per_sample for layer in layers], num_stages)
     even_cuts = [layers[b - 1].cut for b in bounds[1:-1]]
-    model_costs = CostModel(layers, devices, links, batch_size=spec["batch_size"], schedule="1f1b", optimizer="adam")
-    even_predicted = model_costs.step_cost(bounds, order, num_microbatches=plan.num_microbatches).step_seconds
+    costs = CostModel(
+        layers, devices, links, batch_size=batch_size, schedule="1f1b", optimizer="adam", stage_overhead_seconds=overhead
+    )
+    old_costs = CostModel(old_layers, devices, links, batch_size=batch_size, schedule="1f1b", optimizer="adam")
+    planned_order = [next(d for d in devices if d.name == stage.device) for stage in plan.stages]
+    planned_bounds = _bounds_of(plan, layers)
+    even_predicted = costs.step_cost(bounds, order, num_microbatches=plan.num_microbatches).step_seconds
 
     planned = run_pipeline(
         spec, cuts=plan.cuts, devices=plan.devices, num_microbatches=plan.num_microbatches, steps=steps, slow=slow,
-        workdir=workdir / f"{name}-{num_stages}-planned",
+        workdir=workdir / f"{name}-{num_stages}-planned", network=network,
     )  # fmt: skip
     even = run_pipeline(
         spec, cuts=even_cuts, devices=[d.name for d in order], num_microbatches=plan.num_microbatches, steps=steps,
-        slow=slow, workdir=workdir / f"{name}-{num_stages}-even",
+        slow=slow, workdir=workdir / f"{name}-{num_stages}-even", network=network,
     )  # fmt: skip
-    raw_plan = plan_household(
-        profile.layers, devices, links, batch_size=spec["batch_size"], microbatch_candidates=(plan.num_microbatches,), data_owner="fast0"
+    old_plan = plan_household(
+        old_layers, devices, links, batch_size=batch_size, microbatch_candidates=(4, 8), data_owner="fast0"
     )
-    planned["uncalibrated_plan_step_seconds"] = raw_plan.step_seconds
-    planned["uncalibrated_plan_cuts"] = raw_plan.cuts
     planned["predicted_step_seconds"] = plan.step_seconds
     planned["prediction_error"] = plan.step_seconds / planned["step_seconds_median"] - 1
+    planned["predicted_step_seconds_without_overhead"] = old_costs.step_cost(
+        planned_bounds, planned_order, num_microbatches=plan.num_microbatches
+    ).step_seconds
+    planned["prediction_error_without_overhead"] = (
+        planned["predicted_step_seconds_without_overhead"] / planned["step_seconds_median"] - 1
+    )
+    planned["plan_without_overhead"] = {
+        "cuts": old_plan.cuts, "devices": old_plan.devices, "num_microbatches": old_plan.num_microbatches,
+        "predicted_step_seconds": old_plan.step_seconds,
+    }  # fmt: skip
+    planned["plan"] = plan.to_dict()
     even["predicted_step_seconds"] = even_predicted
     even["prediction_error"] = even_predicted / even["step_seconds_median"] - 1
+    even["predicted_step_seconds_without_overhead"] = old_costs.step_cost(
+        bounds, order, num_microbatches=plan.num_microbatches
+    ).step_seconds
+    even["prediction_error_without_overhead"] = (
+        even["predicted_step_seconds_without_overhead"] / even["step_seconds_median"] - 1
+    )
     return {
         "model": name,
         "description": spec["description"],
         "devices": {d.name: d.speed for d in devices},
-        "batch_size": spec["batch_size"],
+        "batch_size": batch_size,
+        "stage_overhead_seconds": overhead,
         "profile_step_seconds": raw_seconds,
         "calibration_step_seconds": single["step_seconds_median"],
         "calibration_factor": factor,
+        "calibration_factor_without_overhead": old_factor,
         "planned": planned,
         "even": even,
         "speedup_planned_over_even": even["step_seconds_median"] / planned["step_seconds_median"],
@@ -314,25 +391,45 @@ def machine() -> dict:
     }
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # SystemExit unwinds the context managers, which delete the namespaces and cgroups.
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--stages", nargs="+", type=int, default=[2, 3])
     parser.add_argument("--steps", type=int, default=14, help="mini-batches per run, the first 2 of them warm-up (default: 14)")
     parser.add_argument("--quick", action="store_true", help="8 steps per run")
+    parser.add_argument("--loopback", action="store_true", help="skip the network namespaces and link the stages over loopback TCP")
     args = parser.parse_args()
     steps = 8 if args.quick else args.steps
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     results = {"machine": machine(), "threads_per_stage": 1, "warmup_steps": WARMUP_STEPS, "runs": []}
-    links = measure_loopback_link()
-    results["link"] = links.default.to_dict()
-    with tempfile.TemporaryDirectory(prefix="homesplit-bench-planner-") as work, slowed(SLOW_SPEED) as (info, slow):
+    with contextlib.ExitStack() as stack:
+        network, reason = (None, "--loopback was given") if args.loopback else stack.enter_context(shaped_network(DEVICES))
+        if network is not None:
+            measured = measure_pair_links(network)
+            links = LinkTable(links=measured)
+            results["network"] = {"method": network.describe()}
+            results["links"] = [{"between": list(pair), **link.to_dict()} for pair, link in measured.items()]
+        else:
+            links = measure_loopback_link()
+            results["network"] = {"method": "fallback: loopback TCP, no shaped links", "reason": reason}
+            results["links"] = [{"between": "every pair", **links.default.to_dict()}]
+        work = stack.enter_context(tempfile.TemporaryDirectory(prefix="homesplit-bench-planner-"))
+        info, slow = stack.enter_context(slowed(SLOW_SPEED))
         results["slowdown"] = info
         for name in args.models:
             for num_stages in args.stages:
                 results["runs"].append(
-                    bench_model(name, num_stages=num_stages, steps=steps, links=links, slow=slow, workdir=Path(work))
-                )
+                    bench_model(
+                        name, num_stages=num_stages, steps=steps, links=links, slow=slow, workdir=Path(work),
+                        network=network,
+                    )
+                )  # fmt: skip
     results["machine"]["load_average_after"] = os.getloadavg()
     print(json.dumps(results, indent=2))
 
