@@ -90,11 +90,11 @@ def run_stage(
     missing = set(segment.state_dict()) - set(weights)
     if missing:
         raise ConfigError(f"initial weights for stage {stage} lack {sorted(missing)[:5]}")
-    # Household-level DP compares the final weights with the initial ones, so
-    # only then does the segment get a copy. Otherwise the loaded tensors become
-    # the parameters, and the stage keeps one set of weights, not two.
-    keeps_initial = any(hasattr(hook, "finish_round") for hook in hooks)
-    segment.load_state_dict({k: weights[k] for k in segment.state_dict()}, strict=True, assign=not keeps_initial)
+    # Without DP hooks the loaded tensors become the parameters, so the stage
+    # keeps one set of weights, not two. DP hooks need the segment to keep its
+    # parameter objects: sample-level DP hooked them before loading, and
+    # household-level DP compares the final weights with the initial ones.
+    segment.load_state_dict({k: weights[k] for k in segment.state_dict()}, strict=True, assign=not hooks)
     # A segment without parameters (a lone activation, say) has nothing to step.
     has_parameters = any(True for _ in segment.parameters())
     optimizer = build_optimizer(job.optimizer, segment.parameters()) if has_parameters else None
