@@ -218,7 +218,10 @@ def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_
         peer_silence=float(config.get("peer-silence", 15.0)),
     )
     if stage == 0 and kind == "train":
-        privacy = owner_round_privacy(device.household, context.run_config, config, dataset_size=num_examples, sent=privacy)
+        privacy = owner_round_privacy(
+            device.household, context.run_config, config, dataset_size=num_examples, num_stages=plan.num_stages,
+            sent=privacy,
+        )  # fmt: skip
         if privacy is not None:
             budget = _check_budget(device, plan, context, privacy, server_round, timeouts)
             if privacy.config.mode == "sample":

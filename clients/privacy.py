@@ -75,7 +75,7 @@ def read_round_privacy(config: Mapping[str, Any]) -> RoundPrivacy | None:
 
 
 def owner_round_privacy(
-    household: str, run_config: Mapping[str, Any], config: Mapping[str, Any], *, dataset_size: int,
+    household: str, run_config: Mapping[str, Any], config: Mapping[str, Any], *, dataset_size: int, num_stages: int,
     sent: RoundPrivacy | None,
 ) -> RoundPrivacy | None:  # fmt: skip
     """Resolve the data owner's own settings for the round and reject a message that differs.
@@ -90,6 +90,9 @@ def owner_round_privacy(
         The train message's config (``batch-size``, ``local-epochs``).
     dataset_size : int
         Training examples of the data owner.
+    num_stages : int
+        Stages of the household plan in the message, which per-segment
+        clipping divides its bound among.
     sent : RoundPrivacy or None
         What the message carries.
 
@@ -97,7 +100,8 @@ def owner_round_privacy(
     ------
     PrivacyError
         If the message's settings differ from the run config's, for example a
-        smaller sigma, or no DP where the run config sets DP for the household.
+        smaller sigma, or no DP where the run config sets DP for the household,
+        or if per-segment bounds do not match `num_stages`.
     """
     settings = settings_for(decode_run_config(run_config.get("privacy", "")), household)
     own = None
@@ -108,6 +112,7 @@ def owner_round_privacy(
             batch_size=int(config.get("batch-size", 32)),
             local_epochs=int(config.get("local-epochs", 1)),
             num_rounds=int(run_config.get("num-server-rounds", 1)),
+            num_stages=num_stages,
         )
     if (own is None) != (sent is None) or (own is not None and own.to_dict() != sent.to_dict()):
         raise PrivacyError(

@@ -46,7 +46,7 @@ from homesplit.job import load_callable
 from homesplit.partition import candidate_cuts
 from homesplit.pki import validate_name
 from homesplit.planner.plan import OBJECTIVES
-from homesplit.privacy.settings import check_settings
+from homesplit.privacy.settings import check_central_noise, check_settings
 from homesplit.schedule import SCHEDULES
 
 __all__ = ["Experiment", "load_experiment", "household_privacy", "DEFAULTS"]
@@ -320,6 +320,7 @@ def _check_privacy(config: dict[str, Any]) -> None:
     for index, household in enumerate(config["households"]):
         if household.get("privacy") is not None:
             household["privacy"] = check_settings(household["privacy"], where=f"households[{index}].privacy")
+    check_central_noise(household_privacy(config), where="privacy")
 
 
 def household_privacy(config: dict[str, Any]) -> dict[str, dict[str, Any] | None]:

@@ -4,24 +4,29 @@ The data owner of each household enforces its budget (see
 `homesplit.clients.privacy`). The strategy keeps a copy of every household's
 history from the data owners' replies, so it can skip a household whose next
 round would exceed its budget without sending it anything, and stop
-training when no household can train.
+training when no household can train. With central noise it also samples
+the households and adds the noise (`homesplit.strategies.central_noise`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from homesplit.errors import HomesplitError
 from homesplit.household_plan import HouseholdPlan
 from homesplit.privacy.accounting import PrivacyBudget
-from homesplit.privacy.settings import RoundPrivacy, resolve_round, settings_for
+from homesplit.privacy.settings import RoundPrivacy, check_central_noise, resolve_round, settings_for
 from homesplit.records import CONFIG, METRICS, PRIVACY, PRIVACY_STATUS
+from homesplit.strategies.aggregation import HouseholdOutcome
+from homesplit.strategies.central_noise import CentralNoise, central_noise_for, noised_sum, poisson_households
 from homesplit.strategies.strategy import HomesplitStrategy
 
 __all__ = ["DPHomesplitStrategy"]
@@ -39,14 +44,33 @@ class DPHomesplitStrategy(HomesplitStrategy):
     can train any more, training stops (logged as a WARNING): the remaining
     rounds send nothing and `evaluate_fn` is not called for them.
 
+    With ``noise: central`` (mode household) the server is trusted and does
+    user-level DP-FedAvg itself. Each household trains with probability equal
+    to its ``sample-rate`` (Poisson sampling), so `fraction_train` and
+    `min_train_households` do not apply to training. The new global model
+    is the old one plus the sum of the clipped updates and Gaussian noise,
+    divided by the expected number of households
+    (`homesplit.strategies.central_noise.noised_sum`). Updates are not
+    weighted by example counts.
+
     Parameters
     ----------
     privacy : mapping of str to dict
         Household id (``"*"`` for every household not named) to its settings,
         as `homesplit.privacy.settings.decode_run_config` returns them.
-        Households without an entry train without DP.
+        Households without an entry train without DP, except in a run with
+        central noise, where they are skipped with a WARNING.
+    noise_seed : int or None, default None
+        Seed of the household sampling and the noise in a run with central
+        noise, for tests only. None seeds both from the operating system, so
+        that nobody who knows the run config can predict them.
     **kwargs
         Arguments of `HomesplitStrategy`.
+
+    Raises
+    ------
+    ConfigError
+        If some households have central noise and others do not.
 
     Attributes
     ----------
@@ -57,9 +81,16 @@ class DPHomesplitStrategy(HomesplitStrategy):
         Last round in which a household trained, once training has stopped.
     """
 
-    def __init__(self, *, privacy: Mapping[str, Mapping[str, Any]], **kwargs: Any) -> None:
+    def __init__(self, *, privacy: Mapping[str, Mapping[str, Any]], noise_seed: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.privacy = {household: dict(settings) for household, settings in privacy.items()}
+        check_central_noise(self.privacy, where="DPHomesplitStrategy privacy")
+        self.central = any(settings["noise"] == "central" for settings in self.privacy.values())
+        self.noise_seed = noise_seed
+        self._household_rng = random.Random(noise_seed) if noise_seed is not None else random.SystemRandom()
+        self._central_noise: CentralNoise | None = None
+        self._planned: dict[str, HouseholdPlan] = {}
+        self._server_round = 0
         self.privacy_records: dict[int, dict[str, dict[str, Any]]] = {}
         self.stopped_after_round: int | None = None
         self._budgets: dict[str, PrivacyBudget] = {}
@@ -67,6 +98,12 @@ class DPHomesplitStrategy(HomesplitStrategy):
         self._exhausted: dict[str, str] = {}
         self._num_rounds = 1
         self._train_config: Mapping[str, Any] = {}
+        if self.central and (self.fraction_train != 1.0 or self.min_train_households != 1):
+            logger.warning(
+                "Central noise samples each household with its sample-rate; fraction_train=%g and "
+                "min_train_households=%d do not apply to training",
+                self.fraction_train, self.min_train_households,
+            )  # fmt: skip
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: Any):
         """Run `HomesplitStrategy.start`, skipping centralized evaluation after training stopped.
@@ -91,9 +128,11 @@ class DPHomesplitStrategy(HomesplitStrategy):
         super().summary()
         for household, settings in sorted(self.privacy.items()):
             logger.info(
-                "  privacy %s: mode %s, target epsilon %g at delta %g, sigma %s, C %g, %s accountant",
+                "  privacy %s: mode %s, target epsilon %g at delta %g, sigma %s, C %s (%s clipping), %s noise, "
+                "%s accountant",
                 household, settings["mode"], settings["target-epsilon"], settings["target-delta"],
-                settings["noise-multiplier"], settings["max-grad-norm"], settings["accountant"],
+                settings["noise-multiplier"], settings["max-grad-norm"], settings["clipping"], settings["noise"],
+                settings["accountant"],
             )  # fmt: skip
 
     # -- training -------------------------------------------------------------
@@ -101,11 +140,14 @@ class DPHomesplitStrategy(HomesplitStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         """Plan the households whose budgets allow another round and send each its DP settings."""
         self._train_config = dict(config)
+        self._server_round = server_round
+        self._planned, self._central_noise = {}, None
         if self.stopped_after_round is not None:
             self._plans, self._outgoing = {}, []
             return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if not messages and self.fraction_train > 0 and self._exhausted:
+        # With Poisson sampling a round may send nothing while households could still train.
+        if not self._planned and self.fraction_train > 0 and self._exhausted:
             self.stopped_after_round = server_round - 1
             logger.warning(
                 "Round %d: no household can train, budgets spent %s; training stops after round %d",
@@ -146,6 +188,32 @@ class DPHomesplitStrategy(HomesplitStrategy):
 
     # -- helpers --------------------------------------------------------------
 
+    def _sample_for_training(self, plans: dict[str, HouseholdPlan]) -> dict[str, HouseholdPlan]:
+        """Sample as `HomesplitStrategy` does, or with central noise, each household with its sample rate."""
+        self._planned = plans
+        if not self.central:
+            return super()._sample_for_training(plans)
+        if not plans:
+            return {}
+        self._central_noise = central_noise_for({h: self._round_privacy[h].config for h in plans})
+        chosen = poisson_households(self._central_noise, self._household_rng)
+        logger.info(
+            "Round %d: %d of %d households sampled for training (expected %.3g); central noise std %.4g on the sum",
+            self._server_round, len(chosen), len(plans), self._central_noise.expected_households,
+            self._central_noise.noise_std,
+        )  # fmt: skip
+        return {household: plans[household] for household in chosen}
+
+    def _aggregate_arrays(self, trained: list[HouseholdOutcome]) -> ArrayRecord | None:
+        """Average as `HomesplitStrategy` does, or with central noise, release the noised sum of the clipped updates."""
+        if self._central_noise is None or self._arrays is None:
+            return super()._aggregate_arrays(trained)
+        if self.noise_seed is None:
+            generator = np.random.default_rng()
+        else:
+            generator = np.random.default_rng(np.random.SeedSequence([self.noise_seed, self._server_round]))
+        return noised_sum(self._arrays, trained, noise=self._central_noise, generator=generator)
+
     def _plan_all(self) -> dict[str, HouseholdPlan]:
         """Plan every household, then drop those whose budget cannot afford the next round."""
         plans = super()._plan_all()
@@ -154,6 +222,13 @@ class DPHomesplitStrategy(HomesplitStrategy):
             if household in self._exhausted:
                 continue
             settings = settings_for(self.privacy, household)
+            if settings is None and self.central:
+                logger.warning(
+                    "Household %s skipped: it has no privacy settings, but the server adds central noise to the sum "
+                    "of clipped updates; give it mode household with noise central",
+                    household,
+                )  # fmt: skip
+                continue
             if settings is None:
                 allowed[household] = plan
                 continue
@@ -183,6 +258,7 @@ class DPHomesplitStrategy(HomesplitStrategy):
             batch_size=int(self._train_config.get("batch-size", 32)),
             local_epochs=int(self._train_config.get("local-epochs", 1)),
             num_rounds=self._num_rounds,
+            num_stages=plan.num_stages,
         )
 
     def _budget(self, household: str, round_privacy: RoundPrivacy) -> PrivacyBudget:

@@ -234,7 +234,7 @@ class HomesplitStrategy(Strategy):
             return []
         self._check_batch_size(config)
         self._refresh_devices(grid)
-        plans = self._sample(self._plan_all(), self.fraction_train, self.min_train_households, "training")
+        plans = self._sample_for_training(self._plan_all())
         return self._messages(plans, arrays, config, "train", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -268,9 +268,7 @@ class HomesplitStrategy(Strategy):
             "households_trained": sorted(o.household for o in trained),
             "households_failed": {h: outcomes[h].failures for h in failed},
         }
-        if not trained or self._arrays is None:
-            return None, metrics
-        return average_by_name(self._arrays, trained), metrics
+        return self._aggregate_arrays(trained), metrics
 
     # -- evaluation -----------------------------------------------------------
 
@@ -330,6 +328,16 @@ class HomesplitStrategy(Strategy):
         return self._household_planner.plan(
             group_households(self.devices), model_fn=self.model_fn, example_inputs=self.example_inputs
         )
+
+    def _sample_for_training(self, plans: dict[str, HouseholdPlan]) -> dict[str, HouseholdPlan]:
+        """Pick the households that train this round from those that could be planned."""
+        return self._sample(plans, self.fraction_train, self.min_train_households, "training")
+
+    def _aggregate_arrays(self, trained: list[HouseholdOutcome]) -> ArrayRecord | None:
+        """Return the new global arrays from the households whose stages all succeeded, None to keep the old ones."""
+        if not trained or self._arrays is None:
+            return None
+        return average_by_name(self._arrays, trained)
 
     def _check_batch_size(self, config: ConfigRecord) -> None:
         if self.planner == "balanced" or "batch-size" not in config:

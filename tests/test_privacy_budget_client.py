@@ -72,7 +72,11 @@ def test_experiment_privacy_per_household(tmp_path):
         ("{target-epsilon: 8, accountant: gdp}", "privacy.accountant='gdp' is invalid; allowed: rdp, prv"),
         ("{target-epsilon: 8, expected-batch-size: -3}", "privacy.expected-batch-size=-3 is invalid"),
         ("{target-epsilon: 8, sample-rate: 0.5}", "privacy.sample-rate=0.5 is invalid in mode sample"),
-        ("{target-epsilon: 8, noise: central}", "privacy.noise='central' is invalid here"),
+        ("{target-epsilon: 8, noise: central}", "privacy.noise='central' is invalid in mode sample"),
+        ("{target-epsilon: 8, max-grad-norm: [0.5, 0.5]}", "privacy.max-grad-norm=[0.5, 0.5] is invalid; allowed: a finite number > 0, or a list of them with clipping: per_segment"),
+        ("{target-epsilon: 8, clipping: per_segment, max-grad-norm: [0.5, 0]}", "privacy.max-grad-norm=[0.5, 0] is invalid"),
+        ("{target-epsilon: 8, clipping: per_segment, max-grad-norm: []}", "privacy.max-grad-norm=[] is invalid"),
+        ("{mode: household, target-epsilon: 8, clipping: per_segment}", "privacy.clipping='per_segment' is invalid in mode household"),
         ("[8]", "privacy=[8] is invalid; allowed: a mapping"),
     ],
 )
@@ -80,6 +84,29 @@ def test_experiment_privacy_rejected(tmp_path, privacy, expected):
     with pytest.raises(ConfigError) as info:
         _load(tmp_path, f"privacy: {privacy}\n")
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("privacy", "expected"),
+    [
+        ("{target-epsilon: 8, clipping: per_segment, max-grad-norm: 0.8}", 0.8),
+        ("{target-epsilon: 8, clipping: per_segment, max-grad-norm: [0.3, 1.2]}", [0.3, 1.2]),
+        ("{mode: household, noise: central, target-epsilon: 8}", 1.0),
+    ],
+)
+def test_experiment_privacy_accepted(tmp_path, privacy, expected):
+    experiment = _load(tmp_path, f"privacy: {privacy}\n")
+    chosen = household_privacy(experiment.config)
+    assert chosen["household-a"]["max-grad-norm"] == expected
+    assert decode_run_config(encode_run_config(chosen)) == chosen
+
+
+def test_experiment_mixed_central_noise_rejected(tmp_path):
+    text = EXPERIMENT.replace("  - id: household-b\n", "  - id: household-b\n    privacy: null\n")
+    (tmp_path / "experiment.yaml").write_text(text + "privacy: {mode: household, noise: central, target-epsilon: 8}\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(tmp_path / "experiment.yaml")
+    assert "households ['household-a'] have noise='central' but ['household-b'] do not" in str(info.value)
 
 
 def test_run_config_privacy_rejected():
@@ -155,9 +182,11 @@ def _train_message(plan: HouseholdPlan, stage: int, server_round: int, privacy: 
     )
 
 
-def _round_privacy(settings: dict) -> dict:
+def _round_privacy(settings: dict, *, num_stages: int = 1) -> dict:
     checked = check_settings(settings, where="privacy")
-    return resolve_round(checked, dataset_size=DATASET_SIZE, batch_size=10, local_epochs=1, num_rounds=3).to_dict()
+    return resolve_round(
+        checked, dataset_size=DATASET_SIZE, batch_size=10, local_epochs=1, num_rounds=3, num_stages=num_stages
+    ).to_dict()
 
 
 def _budget_history(context: Context) -> list:
@@ -237,3 +266,43 @@ def test_household_mode_counts_one_step(tmp_path):
     assert metrics["privacy-steps"] == 1
     assert metrics["privacy-sample-rate"] == 0.5
     assert metrics["privacy-epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.5, 1)], delta=1e-5))
+
+
+def _train_two_stages(tmp_path: Path, settings: dict, privacy: dict) -> dict[str, Message]:
+    """Run one train round of a two-stage household, the phone's stage in a thread; return both replies."""
+    app, plan = _app(), _plan(["laptop", "phone"])
+    owner = _context("laptop", tmp_path, settings, holds_data=True)
+    phone = _context("phone", tmp_path, settings, holds_data=False)
+    replies: dict[str, Message] = {}
+    worker = threading.Thread(target=lambda: replies.setdefault("phone", app(_train_message(plan, 1, 1, privacy), phone)))
+    worker.start()
+    replies["laptop"] = app(_train_message(plan, 0, 1, privacy), owner)
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the phone's stage did not finish"
+    return replies
+
+
+def test_per_segment_bounds_reach_both_stages(tmp_path):
+    settings = {**SETTINGS, "clipping": "per_segment", "max-grad-norm": 0.8}
+    privacy = _round_privacy(settings, num_stages=2)
+    assert privacy["config"]["max_grad_norm"] == pytest.approx([0.8 / math.sqrt(2)] * 2)
+
+    replies = _train_two_stages(tmp_path, settings, privacy)
+
+    for device, reply in replies.items():
+        assert not reply.has_error(), f"{device}: {reply.error.reason if reply.has_error() else ''}"
+    assert replies["laptop"].content.metric_records[METRICS]["privacy-steps"] == 4
+
+
+def test_data_owner_rejects_other_stage_count(tmp_path):
+    # Bounds resolved for three stages, sent to a two-stage household: each is C/sqrt(3), not C/sqrt(2).
+    settings = {**SETTINGS, "clipping": "per_segment", "max-grad-norm": 0.8}
+    privacy = _round_privacy(settings, num_stages=3)
+    privacy["config"]["max_grad_norm"] = privacy["config"]["max_grad_norm"][:2]
+    owner = _context("laptop", tmp_path, settings, holds_data=True)
+
+    # The data owner rejects the message before it connects to the phone's stage.
+    reply = _app()(_train_message(_plan(["laptop", "phone"]), 0, 1, privacy), owner)
+
+    assert reply.has_error()
+    assert "differ from the data owner's own" in reply.error.reason

@@ -21,6 +21,7 @@ from homesplit.job import PipelineJob, build_loss, build_optimizer, build_split,
 from homesplit.local import run_local_pipelines
 from homesplit.models import mlp
 from homesplit.partition import even_cuts
+from homesplit.privacy.settings import stage_bounds
 
 MAX_GRAD_NORM = 0.3
 EXPECTED_BATCH_SIZE = 6.4
@@ -139,8 +140,12 @@ def per_segment_reference(job: PipelineJob, initial: dict[str, torch.Tensor], bo
 
 
 @pytest.mark.slow
-def test_per_segment_clipping_matches_reference(tmp_path):
-    bounds = [0.2, 0.5]
+@pytest.mark.parametrize(
+    "bounds",
+    [[0.2, 0.5], stage_bounds(0.4, num_stages=2)],
+    ids=["one-bound-per-stage", "one-number-divided"],
+)
+def test_per_segment_clipping_matches_reference(tmp_path, bounds):
     cuts = even_cuts(mlp(), 2, example_inputs=(torch.zeros(1, 32),))
     job = PipelineJob(
         model="homesplit.models:mlp", example_shape=[1, 32], cuts=cuts,

@@ -118,3 +118,24 @@ def test_sweep_writes_table_and_plot(tmp_path, capsys):
     assert "| inf | 1 |" in markdown
     assert (tmp_path / "sweep" / "accuracy_vs_epsilon.png").stat().st_size > 1000
     assert _own_flower_processes() == []
+
+
+@pytest.mark.slow
+def test_central_noise_run_records_epsilon(tmp_path):
+    privacy = f"{{mode: household, noise: central, target-epsilon: 100, noise-multiplier: {SIGMA}, max-grad-norm: 1.0}}"
+    experiment = load_experiment(_write_experiment(tmp_path / "experiment.yaml", rounds=2, privacy=privacy))
+
+    run_experiment(experiment, out=tmp_path / "out", insecure=True)
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for number, record in enumerate(results["rounds"], start=1):
+        assert record["households_trained"] == ["household-a"]
+        spent = record["privacy"]["household-a"]
+        assert spent["noise_multiplier"] == SIGMA
+        assert spent["sample_rate"] == 1.0
+        assert spent["steps"] == 1
+        # One household-level step per round at q = 1 (sample-rate's default).
+        assert spent["epsilon"] == pytest.approx(compute_epsilon([(SIGMA, 1.0, number)], delta=1e-5), rel=1e-9)
+    assert results["rounds"][0]["accuracy"] != results["summary"]["initial_accuracy"]
+    assert _own_flower_processes() == []

@@ -8,17 +8,19 @@ their other keys::
       target-epsilon: 8           # a number > 0, or inf for clipping without noise
       target-delta: 1.0e-5
       noise-multiplier: auto      # sigma, or auto to calibrate it for target-epsilon
-      max-grad-norm: 1.0          # C
+      max-grad-norm: 1.0          # C; with clipping: per_segment also a list, one bound per stage
       accountant: rdp             # or prv
       expected-batch-size: 32     # default: training.batch-size
+      clipping: whole_model       # or per_segment (mode sample only)
+      noise: local                # or central (mode household only)
 
 The run config carries the settings of all households as one JSON string
 (`encode_run_config`), a mapping of household id to settings in which the key
 ``"*"`` covers every household not named. `resolve_round` turns one
-household's settings and its data set size into the `PrivacyConfig` of a
-round and the number of DP steps that round takes. The strategy and the data
-owner both call it with the same inputs, so both arrive at the same sigma
-and q.
+household's settings, its data set size and its plan's stage count into the
+`PrivacyConfig` of a round and the number of DP steps that round takes. The
+strategy and the data owner both call it with the same inputs, so both arrive
+at the same sigma, q and clipping bounds.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = [
     "encode_run_config",
     "decode_run_config",
     "resolve_round",
+    "stage_bounds",
+    "check_central_noise",
 ]
 
 SETTING_KEYS = (
@@ -135,15 +139,12 @@ def check_settings(raw: Any, *, where: str) -> dict[str, Any]:
                 "it for target-epsilon"
             )
         settings["noise-multiplier"] = value
-    bound = _number(settings["max-grad-norm"])
-    if bound is None or not (bound > 0 and math.isfinite(bound)):
-        raise ConfigError(f"{where}.max-grad-norm={settings['max-grad-norm']!r} is invalid; allowed: a finite number > 0")
-    settings["max-grad-norm"] = bound
-    if settings["clipping"] == "per_segment":
+    if settings["clipping"] == "per_segment" and settings["mode"] != "sample":
         raise ConfigError(
-            f"{where}.clipping='per_segment' is invalid here: one bound per stage needs the plan's stage count; "
-            "allowed: whole_model"
+            f"{where}.clipping='per_segment' is invalid in mode {settings['mode']}: there max-grad-norm bounds the "
+            "household's whole round update; allowed: whole_model"
         )
+    settings["max-grad-norm"] = _check_bound(settings["max-grad-norm"], clipping=settings["clipping"], where=where)
     for key in ("expected-batch-size", "sample-rate"):
         if settings[key] is None:
             continue
@@ -153,10 +154,10 @@ def check_settings(raw: Any, *, where: str) -> dict[str, Any]:
             allowed = "a number in (0, 1]" if key == "sample-rate" else "a number > 0 (samples)"
             raise ConfigError(f"{where}.{key}={settings[key]!r} is invalid; allowed: {allowed}")
         settings[key] = value
-    if settings["noise"] == "central":
-        # NOTE: HomesplitStrategy weights updates by examples and adds no noise, so central noise would go unapplied.
+    if settings["noise"] == "central" and settings["mode"] != "household":
         raise ConfigError(
-            f"{where}.noise='central' is invalid here: the strategy does not add server-side noise yet; allowed: local"
+            f"{where}.noise='central' is invalid in mode {settings['mode']}: DP-SGD adds its noise on the devices "
+            "at every step; allowed: local, or central with mode household"
         )
     if settings["mode"] == "sample" and settings["sample-rate"] is not None:
         raise ConfigError(
@@ -164,6 +165,77 @@ def check_settings(raw: Any, *, where: str) -> dict[str, Any]:
             "expected-batch-size / the household's dataset size; allowed: only in mode household"
         )
     return settings
+
+
+def _check_bound(value: Any, *, clipping: str, where: str) -> float | list[float]:
+    """Return ``max-grad-norm`` as a float, or as a list of floats for per-segment clipping."""
+    if isinstance(value, list) and clipping == "per_segment":
+        bounds = [_number(bound) for bound in value]
+        if value and all(b is not None and b > 0 and math.isfinite(b) for b in bounds):
+            return bounds
+        raise ConfigError(
+            f"{where}.max-grad-norm={value!r} is invalid; allowed: a finite number > 0, or a non-empty list of them, "
+            "one per pipeline stage"
+        )
+    bound = _number(value)
+    if bound is None or not (bound > 0 and math.isfinite(bound)):
+        allowed = "a finite number > 0"
+        if isinstance(value, list):
+            allowed += ", or a list of them with clipping: per_segment"
+        raise ConfigError(f"{where}.max-grad-norm={value!r} is invalid; allowed: {allowed}")
+    return bound
+
+
+def stage_bounds(max_grad_norm: float | list[float], *, num_stages: int) -> list[float]:
+    """Return the per-segment clipping bound of each of `num_stages` stages.
+
+    One number C gives every stage ``C / sqrt(num_stages)``, so that the bound
+    on a sample's whole-model gradient, ``sqrt(sum C_k^2)``, stays C. A list
+    is taken as it is.
+
+    Raises
+    ------
+    PrivacyError
+        If a list does not have `num_stages` entries; the message names the
+        list and the two ways to fix it.
+    """
+    if not isinstance(max_grad_norm, list):
+        return [float(max_grad_norm) / math.sqrt(num_stages)] * num_stages
+    if len(max_grad_norm) != num_stages:
+        raise PrivacyError(
+            f"max-grad-norm={max_grad_norm} has {len(max_grad_norm)} per-segment bounds, but the household's plan has "
+            f"{num_stages} stages; give {num_stages} bounds, or one number C, which gives each stage "
+            f"C / sqrt({num_stages})"
+        )
+    return [float(bound) for bound in max_grad_norm]
+
+
+def check_central_noise(households: Mapping[str, Mapping[str, Any] | None], *, where: str) -> None:
+    """Check that either every household or none has ``noise: central``.
+
+    The server adds one noise draw to the sum of all households' updates, so
+    it can only add it when every update in the sum is clipped. A household
+    with local noise or without DP would need its own aggregation rule.
+
+    Parameters
+    ----------
+    households : mapping
+        Household id to validated settings, or None for a household without DP.
+    where : str
+        Where the settings come from; the error message starts with it.
+
+    Raises
+    ------
+    ConfigError
+        If some households have central noise and others do not.
+    """
+    central = sorted(h for h, s in households.items() if s is not None and s["noise"] == "central")
+    others = sorted(h for h, s in households.items() if s is None or s["noise"] != "central")
+    if central and others:
+        raise ConfigError(
+            f"{where}: households {central} have noise='central' but {others} do not; the server adds one noise draw "
+            "to the sum of all clipped updates, so give every household mode household with noise central, or none"
+        )
 
 
 def settings_for(households: Mapping[str, Any], household: str) -> dict[str, Any] | None:
@@ -233,8 +305,9 @@ class RoundPrivacy:
 
 
 def resolve_round(
-    settings: Mapping[str, Any], *, dataset_size: int, batch_size: int, local_epochs: int, num_rounds: int
-) -> RoundPrivacy:
+    settings: Mapping[str, Any], *, dataset_size: int, batch_size: int, local_epochs: int, num_rounds: int,
+    num_stages: int | None = None,
+) -> RoundPrivacy:  # fmt: skip
     """Turn one household's settings into the `PrivacyConfig` of a round and its step count.
 
     Mode sample: q = expected batch size / `dataset_size`, and a round takes
@@ -244,7 +317,8 @@ def resolve_round(
     round) and a round is one step. With ``noise-multiplier: auto``, sigma is
     the smallest one for which `num_rounds` such rounds stay within
     ``target-epsilon`` (`calibrate_noise_multiplier`); ``target-epsilon: inf``
-    gives sigma 0.
+    gives sigma 0. With ``clipping: per_segment``, ``max-grad-norm`` becomes
+    one bound per stage (`stage_bounds`).
 
     Parameters
     ----------
@@ -258,11 +332,14 @@ def resolve_round(
         Passes over the data per round.
     num_rounds : int
         Rounds of the whole run, for calibration.
+    num_stages : int, optional
+        Stages of the household's plan; required with ``clipping: per_segment``.
 
     Raises
     ------
     PrivacyError
-        If the data set is empty or no sigma reaches the target.
+        If the data set is empty, no sigma reaches the target, or per-segment
+        bounds do not match `num_stages`.
     """
     if dataset_size < 1:
         raise PrivacyError(f"the household has dataset_size={dataset_size}; DP needs at least one training example")
@@ -284,10 +361,17 @@ def resolve_round(
             target_epsilon=target, target_delta=delta, sample_rate=sample_rate, steps=steps * max(1, int(num_rounds)),
             accountant=settings["accountant"],
         )  # fmt: skip
+    bound = settings["max-grad-norm"]
+    if settings["clipping"] == "per_segment":
+        if num_stages is None:
+            raise PrivacyError("clipping='per_segment' needs the household plan's stage count to resolve its bounds")
+        bound = stage_bounds(bound, num_stages=num_stages)
+    else:
+        bound = float(bound)
     config = PrivacyConfig(
         mode=settings["mode"],
         noise_multiplier=float(sigma),
-        max_grad_norm=float(settings["max-grad-norm"]),
+        max_grad_norm=bound,
         sample_rate=sample_rate,
         expected_batch_size=expected,
         clipping=settings["clipping"],
