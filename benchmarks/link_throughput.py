@@ -2,7 +2,8 @@
 
 Prints one JSON document. For each tensor size (4 KiB, 64 KiB, 1 MiB, 16 MiB)
 and each transport, it reports MB/s (10**6 bytes per second) of a one-way
-stream of frames. It also reports the median and 90th percentile round trip of
+stream of frames, and the CPU time per MiB that the sending and the receiving
+process spent on it. It also reports the median and 90th percentile round trip of
 one frame that the peer echoes, and the ratio TLS / plaintext of MB/s. Both
 ends are separate processes, as two devices would be.
 
@@ -68,9 +69,11 @@ def serve(kind: str, bundle: str | None, listen: str) -> None:
             frame = link.recv(timeout=FRAME_SECONDS)
             if frame.kind is FrameKind.GRADIENT:
                 link.send(frame)
-            elif frame.microbatch + 1 == frame.step:
-                # The last frame of a stream: `step` carries the stream length.
-                link.send(Frame(FrameKind.METRIC, torch.zeros(1, dtype=torch.float64)))
+            elif frame.kind is FrameKind.METRIC or frame.microbatch + 1 == frame.step:
+                # A METRIC request, or the last frame of a stream (`step`
+                # carries the stream length): answer with this process's CPU
+                # time so far, which the measuring side turns into CPU per MiB.
+                link.send(Frame(FrameKind.METRIC, torch.tensor([_cpu_seconds()], dtype=torch.float64)))
     except PeerClosedError:
         # The measuring side ends the benchmark by closing the link.
         pass
@@ -78,13 +81,25 @@ def serve(kind: str, bundle: str | None, listen: str) -> None:
         link.close()
 
 
-def _stream_mbps(link, tensor: torch.Tensor, count: int) -> float:
+def _cpu_seconds() -> float:
+    # os.times() ticks in 10 ms steps, too coarse for one stream.
+    return time.process_time()
+
+
+def _stream(link, tensor: torch.Tensor, count: int) -> tuple[float, float, float]:
+    """Stream `count` frames; return MB/s and the CPU µs per MiB of the sender and of the receiver."""
+    link.send(Frame(FrameKind.METRIC, torch.zeros(1, dtype=torch.float64)))
+    receiver_before = link.recv(timeout=FRAME_SECONDS).tensor.item()
+    sender_before = _cpu_seconds()
     start = time.perf_counter()
     for index in range(count):
         link.send(Frame(FrameKind.ACTIVATION, tensor, step=count, microbatch=index))
-    link.recv(timeout=FRAME_SECONDS)
+    receiver_after = link.recv(timeout=FRAME_SECONDS).tensor.item()
     elapsed = time.perf_counter() - start
-    return count * tensor.numel() * tensor.element_size() / elapsed / 1e6
+    sender_cpu = _cpu_seconds() - sender_before
+    total = count * tensor.numel() * tensor.element_size()
+    mib = total / (1 << 20)
+    return total / elapsed / 1e6, sender_cpu / mib * 1e6, (receiver_after - receiver_before) / mib * 1e6
 
 
 def _round_trips_ms(link, tensor: torch.Tensor, count: int) -> list[float]:
@@ -111,13 +126,18 @@ def measure(addresses: dict[str, str], bundle: str, stream_bytes: int, repeats: 
             count = max(8, min(4000, stream_bytes // size))
             pings = max(10, min(1000, (64 << 20) // size))
             rates: dict[str, list[float]] = {kind: [] for kind in links}
+            send_cpu: dict[str, list[float]] = {kind: [] for kind in links}
+            recv_cpu: dict[str, list[float]] = {kind: [] for kind in links}
             trips: dict[str, list[float]] = {kind: [] for kind in links}
             for kind, link in links.items():
-                _stream_mbps(link, tensor, max(2, count // 8))
+                _stream(link, tensor, max(2, count // 8))
                 _round_trips_ms(link, tensor, max(2, pings // 10))
             for _ in range(repeats):
                 for kind, link in links.items():
-                    rates[kind].append(_stream_mbps(link, tensor, count))
+                    rate, sender, receiver = _stream(link, tensor, count)
+                    rates[kind].append(rate)
+                    send_cpu[kind].append(sender)
+                    recv_cpu[kind].append(receiver)
                     trips[kind].extend(_round_trips_ms(link, tensor, max(1, pings // repeats)))
             for kind in links:
                 ordered = sorted(trips[kind])
@@ -126,6 +146,9 @@ def measure(addresses: dict[str, str], bundle: str, stream_bytes: int, repeats: 
                     # The best run is the one least disturbed by other processes.
                     "mb_per_s_best": round(max(rates[kind]), 1),
                     "mb_per_s_runs": [round(rate, 1) for rate in rates[kind]],
+                    # CPU time moves far less with the machine's load than MB/s.
+                    "sender_cpu_us_per_mib": round(statistics.median(send_cpu[kind])),
+                    "receiver_cpu_us_per_mib": round(statistics.median(recv_cpu[kind])),
                     "rtt_median_ms": round(statistics.median(ordered), 4),
                     "rtt_p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 4),
                     "frames_per_run": count,

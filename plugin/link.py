@@ -11,6 +11,8 @@ sockets matter for TLS, because an OpenSSL connection must not be read and
 written from two threads at once. The queue matters for deadlock freedom: with
 1F1B, neighbours send activations and gradients to each other at the same time,
 and two blocking `sendall` calls on full socket buffers would wait forever.
+A small frame skips the queue when nothing is queued: the sending thread
+writes it itself with a non-blocking call, and hands any rest to the writer.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from homesplit.wire import (
     encode_header,
     tensor_payload,
 )
+from homesplit.tls_stream import TlsStream
 
 __all__ = ["Link", "LinkTimeouts", "SocketLink", "read_frame", "write_frame"]
 
@@ -94,7 +97,7 @@ class Link(abc.ABC):
 
     @abc.abstractmethod
     def send(self, frame: Frame) -> None:
-        """Queue `frame` for sending.
+        """Send `frame`, or queue it for sending, without waiting for the network.
 
         Raises
         ------
@@ -235,6 +238,24 @@ def write_frame(sock: socket.socket, frame: Frame) -> int:
     return len(header) + len(payload)
 
 
+# Frames up to this size are written by the sending thread itself while the
+# link has nothing queued: that saves a switch to the writer thread, which is
+# a large part of a small frame's round trip. Such a write never waits for the
+# network; what the socket does not take at once goes to the writer thread.
+_INLINE_BYTES = _COALESCE_BYTES
+
+
+class _Leftover:
+    """Queue item: bytes that a non-blocking write could not hand to the socket.
+
+    For a `TlsStream` the leftover ciphertext stays inside the stream and
+    `data` is None.
+    """
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+
 class _Failure:
     """Queue item that carries the error which ended the reader."""
 
@@ -278,6 +299,12 @@ class SocketLink(Link):
         self._limits = limits or FrameLimits()
         self._timeouts = timeouts or LinkTimeouts()
         self._outgoing: queue.Queue[object] = queue.Queue()
+        # Exactly one thread writes at a time: the sender (inline) or the
+        # writer thread. `_backlog` counts queued items not yet written, so
+        # an inline write never overtakes a queued frame.
+        self._write_state = threading.Condition()
+        self._writing = False
+        self._backlog = 0
         self._incoming: queue.Queue[object] = queue.Queue()
         self._error: LinkError | FrameError | None = None
         self._closed = False
@@ -303,7 +330,52 @@ class SocketLink(Link):
             raise self._error
         if self._closed:
             raise PeerClosedError(f"link to {self.peer} is closed", peer=self.peer)
-        self._outgoing.put(frame)
+        if frame.tensor.numel() * frame.tensor.element_size() <= _INLINE_BYTES and self._can_write_inline():
+            with self._write_state:
+                inline = self._backlog == 0 and not self._writing
+                if inline:
+                    self._writing = True
+            if inline:
+                self._write_inline(frame)
+                return
+        self._enqueue(frame)
+
+    def _can_write_inline(self) -> bool:
+        sock = self._outbound
+        # A socket with a timeout is non-blocking inside Python, and an
+        # ssl.SSLSocket cannot write part of a record: both use the queue.
+        return (isinstance(sock, TlsStream) or type(sock) is socket.socket) and sock.gettimeout() is None
+
+    def _enqueue(self, item: object) -> None:
+        with self._write_state:
+            self._backlog += 1
+            self._outgoing.put(item)
+
+    def _write_inline(self, frame: Frame) -> None:
+        leftover: _Leftover | None = None
+        try:
+            data = encode_header(frame) + tensor_payload(frame.tensor)
+            if isinstance(self._outbound, TlsStream):
+                if not self._outbound.send_nowait(data):
+                    leftover = _Leftover(None)
+            else:
+                try:
+                    written = self._outbound.send(data, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    written = 0
+                if written < len(data):
+                    leftover = _Leftover(data[written:])
+            self._sent += len(data)
+        except (OSError, ValueError) as exc:
+            if not self._closed:
+                self._fail(PeerClosedError(f"sending to {self.peer} failed: {exc}", peer=self.peer))
+        finally:
+            with self._write_state:
+                if leftover is not None:
+                    self._backlog += 1
+                    self._outgoing.put(leftover)
+                self._writing = False
+                self._write_state.notify_all()
 
     def recv(self, *, timeout: float | None = None) -> Frame:
         wait = self._timeouts.recv if timeout is None else timeout
@@ -336,8 +408,8 @@ class SocketLink(Link):
                 return
             self._closed = True
         final = Frame.text(FrameKind.ABORT, reason) if reason else Frame(FrameKind.END)
-        self._outgoing.put(final)
-        self._outgoing.put(_STOP)
+        self._enqueue(final)
+        self._enqueue(_STOP)
         # Give the writer a bounded moment to flush queued frames, then tear
         # the sockets down so that the reader unblocks.
         self._writer.join(timeout=self._timeouts.heartbeat + 5.0)
@@ -363,16 +435,37 @@ class SocketLink(Link):
             try:
                 item = self._outgoing.get(timeout=self._timeouts.heartbeat)
             except queue.Empty:
-                item = heartbeat
+                item = None
             if item is _STOP:
                 return
-            assert isinstance(item, Frame)
+            with self._write_state:
+                if item is None and self._writing:
+                    # The sender is writing right now, so the peer hears from
+                    # this side anyway.
+                    continue
+                while self._writing:
+                    # An inline write never waits for the network, so this
+                    # wait is short; the timeout only guards against a bug.
+                    self._write_state.wait(timeout=1.0)
+                self._writing = True
             try:
-                self._sent += write_frame(self._outbound, item)
+                if isinstance(item, _Leftover):
+                    if item.data is None:
+                        self._outbound.flush()
+                    else:
+                        self._outbound.sendall(item.data)
+                else:
+                    self._sent += write_frame(self._outbound, heartbeat if item is None else item)
             except (OSError, ValueError) as exc:
                 if not self._closed:
                     self._fail(PeerClosedError(f"sending to {self.peer} failed: {exc}", peer=self.peer))
                 return
+            finally:
+                with self._write_state:
+                    self._writing = False
+                    if item is not None:
+                        self._backlog -= 1
+                    self._write_state.notify_all()
 
     def _read_loop(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from homesplit.errors import ConfigError, LinkError, PeerRejectedError
 from homesplit.link import LinkTimeouts, read_frame, write_frame
 from homesplit.pki import Household
 from homesplit.tls import TlsTransport, client_context
+from homesplit.tls_stream import TlsStream
 from homesplit.transport import PeerIdentity, TcpTransport, open_listener
 from homesplit.wire import Frame, FrameKind, FrameLimits
 
@@ -223,7 +224,7 @@ def test_link_negotiates_tls13_with_certificates(bundles: dict[str, Path]) -> No
     accepted = listener.join()["link"]
     try:
         for sock in (link._outbound, link._inbound, accepted._outbound, accepted._inbound):
-            assert isinstance(sock, ssl.SSLSocket)
+            assert isinstance(sock, TlsStream)
             assert sock.version() == "TLSv1.3"
         assert link._outbound is not link._inbound
         assert accepted._outbound is not accepted._inbound
