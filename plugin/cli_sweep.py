@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, help="number of rounds; overrides the file's 'rounds'")
     parser.add_argument("--out", default="sweep", help="folder for the sweep files and each run's files (default: ./sweep)")
     parser.add_argument("--insecure", action="store_true", help="run without TLS (debugging only)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished runs with the same settings found in --out, e.g. after an interruption or to add seeds",
+    )
     parser.set_defaults(handler=_handle)
 
 
@@ -114,12 +119,60 @@ def _run_row(results: dict[str, Any], *, target_epsilon: float, seed: int) -> di
     }
 
 
+# Settings that change how long a run may take or where its files are, not
+# what it computes, so a finished run can be reused across them.
+_NOT_COMPARED = ("timeouts", "app")
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    # The JSON round trip turns tuples into lists, as in results.json.
+    return json.loads(json.dumps({key: value for key, value in config.items() if key not in _NOT_COMPARED}))
+
+
+def finished_run(run_dir: Path, variant: Experiment) -> dict[str, Any] | None:
+    """Return the results of a finished run of `variant` in `run_dir`, or None if there is none.
+
+    Raises
+    ------
+    ConfigError
+        If `run_dir` holds the results of a run with other settings.
+    """
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        config = results["config"]
+        status = results["summary"]["run_status"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a readable results file ({exc}); delete {run_dir} to run it again") from exc
+    if _comparable(config) != _comparable(variant.config):
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings than this sweep's; "
+            "choose another --out, or delete that folder to run it again"
+        )
+    if not str(status).startswith("finished:completed"):
+        return None
+    return results
+
+
 def run_sweep(
-    experiment: Experiment, *, epsilons: list[float], seeds: int, out: Path, insecure: bool = False, echo=None
+    experiment: Experiment,
+    *,
+    epsilons: list[float],
+    seeds: int,
+    out: Path,
+    insecure: bool = False,
+    resume: bool = False,
+    echo=None,
+    report=None,
 ) -> list[dict[str, Any]]:
     """Run the experiment for every target epsilon and seed and return one row per run.
 
-    Each run writes its own results into ``out/epsilon-E/seed-S``.
+    Each run writes its own results into ``out/epsilon-E/seed-S``. With
+    `resume`, a run whose folder already holds finished results of the same
+    settings is not run again, so an interrupted sweep, or one with more
+    seeds, repeats no work. `report` is called with a line for each reused run.
     """
     rows = []
     base_seed = int(experiment.config["seed"])
@@ -128,8 +181,12 @@ def run_sweep(
             seed = base_seed + offset
             variant = sweep_experiment(experiment, target_epsilon=epsilon, seed=seed)
             run_dir = out / f"epsilon-{epsilon:g}" / f"seed-{seed}"
-            run_experiment(variant, out=run_dir, insecure=insecure, echo=echo)
-            results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+            results = finished_run(run_dir, variant) if resume else None
+            if results is None:
+                run_experiment(variant, out=run_dir, insecure=insecure, echo=echo)
+                results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+            elif report is not None:
+                report(f"reusing the finished run in {run_dir}")
             rows.append(_run_row(results, target_epsilon=epsilon, seed=seed))
     return rows
 
@@ -234,7 +291,12 @@ def _handle(args: argparse.Namespace) -> int:
         if "homesplit round" in line or "spent epsilon" in line or "training stops" in line:
             print(line.strip(), flush=True)
 
-    rows = run_sweep(experiment, epsilons=epsilons, seeds=args.seeds, out=out, insecure=args.insecure, echo=echo)
+    def report(line: str) -> None:
+        print(f"homesplit sweep: {line}", flush=True)
+
+    rows = run_sweep(
+        experiment, epsilons=epsilons, seeds=args.seeds, out=out, insecure=args.insecure, resume=args.resume, echo=echo, report=report
+    )
     paths = write_sweep(out, rows)
     print((out / "sweep.md").read_text(encoding="utf-8"), end="", flush=True)
     print(f"homesplit sweep: wrote {', '.join(str(p) for p in paths)}", flush=True)

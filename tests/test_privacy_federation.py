@@ -17,6 +17,8 @@ from opacus.accountants import RDPAccountant
 
 from homesplit.cli import main as homesplit_main
 from homesplit.cli_run import run_experiment
+from homesplit.cli_sweep import finished_run, sweep_experiment
+from homesplit.errors import ConfigError
 from homesplit.experiment import load_experiment
 from homesplit.privacy.accounting import compute_epsilon
 
@@ -118,6 +120,43 @@ def test_sweep_writes_table_and_plot(tmp_path, capsys):
     assert "| inf | 1 |" in markdown
     assert (tmp_path / "sweep" / "accuracy_vs_epsilon.png").stat().st_size > 1000
     assert _own_flower_processes() == []
+
+    # A resumed sweep with the same settings reuses both finished runs.
+    results = tmp_path / "sweep" / "epsilon-2" / "seed-0" / "results.json"
+    written = results.stat().st_mtime_ns
+    capsys.readouterr()
+    code = homesplit_main(
+        ["sweep", str(experiment), "--epsilon", "2,inf", "--out", str(tmp_path / "sweep"), "--insecure", "--resume"]
+    )
+    assert code == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 2
+    assert results.stat().st_mtime_ns == written
+    assert len(list(csv.DictReader((tmp_path / "sweep" / "sweep.csv").open()))) == 2
+
+
+def test_resume_refuses_run_with_other_settings(tmp_path):
+    experiment = load_experiment(_write_experiment(tmp_path / "experiment.yaml", rounds=1, privacy="{max-grad-norm: 1.0, target-epsilon: 1}"))
+    variant = sweep_experiment(experiment, target_epsilon=2.0, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = dict(variant.config, rounds=5)
+    (run_dir / "results.json").write_text(json.dumps({"config": other, "summary": {"run_status": "finished:completed"}}))
+
+    with pytest.raises(ConfigError, match="other settings"):
+        finished_run(run_dir, variant)
+
+
+def test_resume_reruns_unfinished_run(tmp_path):
+    experiment = load_experiment(_write_experiment(tmp_path / "experiment.yaml", rounds=1, privacy="{max-grad-norm: 1.0, target-epsilon: 1}"))
+    variant = sweep_experiment(experiment, target_epsilon=2.0, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = json.loads(json.dumps(variant.config))
+    (run_dir / "results.json").write_text(json.dumps({"config": config, "summary": {"run_status": "finished:failed"}}))
+
+    assert finished_run(run_dir, variant) is None
+    (run_dir / "results.json").write_text(json.dumps({"config": config, "summary": {"run_status": "finished:completed"}}))
+    assert finished_run(run_dir, variant)["summary"]["run_status"] == "finished:completed"
 
 
 @pytest.mark.slow
