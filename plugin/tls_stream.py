@@ -16,12 +16,17 @@ docs/benchmarks.md, "Link throughput").
 
 One `TlsStream` must be used by one thread at a time, like `ssl.SSLSocket`:
 `SocketLink` gives each direction its own connection and thread.
+
+The socket timeout bounds a whole `handshake` or `recv_into` call, not each
+socket read inside it, so a peer that trickles ciphertext one byte at a time
+still times out.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import time
 
 __all__ = ["TlsStream"]
 
@@ -66,8 +71,7 @@ class TlsStream:
     def handshake(cls, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool) -> TlsStream:
         """Run the TLS handshake on `sock` and return the stream.
 
-        Each socket call is bounded by `sock`'s timeout, as with
-        `ssl.SSLContext.wrap_socket`.
+        `sock`'s timeout bounds the whole handshake.
 
         Raises
         ------
@@ -80,13 +84,14 @@ class TlsStream:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = context.wrap_bio(incoming, outgoing, server_side=server_side)
         stream = cls(sock, tls, incoming, outgoing)
+        deadline = _deadline(sock)
         while True:
             try:
                 tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
                 stream._flush()
-                if not stream._fill():
+                if not stream._fill(deadline):
                     raise ConnectionResetError("the peer closed the connection during the TLS handshake") from None
             except ssl.SSLError:
                 # The peer learns the reason only from the alert OpenSSL left
@@ -128,14 +133,18 @@ class TlsStream:
         self._flush()
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
-        """Decrypt up to `nbytes` (all of `buffer` if 0) into `buffer`; 0 means the peer closed."""
+        """Decrypt up to `nbytes` (all of `buffer` if 0) into `buffer`; 0 means the peer closed.
+
+        The socket timeout bounds the whole call, however many socket reads it takes.
+        """
         view = memoryview(buffer).cast("B")
         wanted = nbytes or len(view)
+        deadline = _deadline(self._sock)
         while True:
             try:
                 return self._tls.read(wanted, view)
             except ssl.SSLWantReadError:
-                if self._eof or not self._fill():
+                if self._eof or not self._fill(deadline):
                     # Like SSLSocket with suppress_ragged_eofs: an end without
                     # close_notify reads as a closed connection; the frame
                     # decoder reports a frame cut short.
@@ -222,12 +231,33 @@ class TlsStream:
         self._unsent = self._unsent[sent:]
         return not self._unsent and not self._outgoing.pending
 
-    def _fill(self) -> bool:
-        """Read ciphertext from the socket into the incoming buffer; False at end of stream."""
-        received = self._sock.recv_into(self._view)
+    def _fill(self, deadline: float | None) -> bool:
+        """Read ciphertext from the socket into the incoming buffer; False at end of stream.
+
+        Raises TimeoutError if nothing arrives before the `time.monotonic` time `deadline`.
+        """
+        if deadline is None:
+            received = self._sock.recv_into(self._view)
+        else:
+            timeout = self._sock.gettimeout()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("timed out waiting for ciphertext from the peer")
+            self._sock.settimeout(remaining)
+            try:
+                received = self._sock.recv_into(self._view)
+            finally:
+                self._sock.settimeout(timeout)
         if received == 0:
             self._eof = True
             self._incoming.write_eof()
             return False
         self._incoming.write(self._view[:received])
         return True
+
+
+def _deadline(sock: socket.socket) -> float | None:
+    """Return the `time.monotonic` time at which `sock`'s timeout, counted from now, ends."""
+    timeout = sock.gettimeout()
+    # A timeout of 0 makes the socket non-blocking, which needs no deadline.
+    return time.monotonic() + timeout if timeout else None
