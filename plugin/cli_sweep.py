@@ -22,7 +22,7 @@ from typing import Any
 
 from homesplit.cli_run import run_experiment
 from homesplit.errors import ConfigError
-from homesplit.experiment import Experiment, load_experiment
+from homesplit.experiment import Experiment, load_experiment, with_defaults
 from homesplit.privacy.settings import check_settings
 
 __all__ = ["register", "parse_epsilons", "sweep_experiment", "run_sweep", "summarize", "write_sweep"]
@@ -146,6 +146,10 @@ def finished_run(run_dir: Path, variant: Experiment) -> dict[str, Any] | None:
         status = results["summary"]["run_status"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} is not a readable results file ({exc}); delete {run_dir} to run it again") from exc
+    try:
+        config = with_defaults(config)
+    except ConfigError:
+        pass  # A key this version no longer knows: the comparison below fails.
     if _comparable(config) != _comparable(variant.config):
         raise ConfigError(
             f"{run_dir} holds a run with other settings than this sweep's; "

@@ -177,6 +177,20 @@ def load_experiment(path: str | Path, *, rounds: int | None = None) -> Experimen
     return Experiment(path=file.resolve(), app_dir=app_dir, config=config, num_layers=num_layers)
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Return `config` filled in with the defaults of every key it lacks.
+
+    A results file written before a key existed then compares equal to a
+    config that has the key at its default value.
+
+    Raises
+    ------
+    ConfigError
+        If `config` has a key that experiment files no longer allow.
+    """
+    return _merge(DEFAULTS, config, prefix="")
+
+
 def _merge(defaults: dict[str, Any], given: dict[str, Any], *, prefix: str) -> dict[str, Any]:
     """Fill `given` in from `defaults`, rejecting unknown keys with their full path."""
     merged = copy.deepcopy(defaults)

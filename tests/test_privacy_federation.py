@@ -178,3 +178,15 @@ def test_central_noise_run_records_epsilon(tmp_path):
         assert spent["epsilon"] == pytest.approx(compute_epsilon([(SIGMA, 1.0, number)], delta=1e-5), rel=1e-9)
     assert results["rounds"][0]["accuracy"] != results["summary"]["initial_accuracy"]
     assert _own_flower_processes() == []
+
+
+def test_resume_fills_keys_added_since(tmp_path):
+    experiment = load_experiment(_write_experiment(tmp_path / "experiment.yaml", rounds=1, privacy="{max-grad-norm: 1.0, target-epsilon: 1}"))
+    variant = sweep_experiment(experiment, target_epsilon=2.0, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    older = json.loads(json.dumps(variant.config))
+    del older["planner"]
+    (run_dir / "results.json").write_text(json.dumps({"config": older, "summary": {"run_status": "finished:completed"}}))
+
+    assert finished_run(run_dir, variant) is not None
