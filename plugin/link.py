@@ -246,14 +246,12 @@ _INLINE_BYTES = _COALESCE_BYTES
 
 
 class _Leftover:
-    """Queue item: bytes that a non-blocking write could not hand to the socket.
+    """Queue item that wakes the writer thread to finish a non-blocking write.
 
-    For a `TlsStream` the leftover ciphertext stays inside the stream and
-    `data` is None.
+    The unwritten bytes stay with the link (`SocketLink._unsent`) or, for a
+    `TlsStream`, inside the stream, because they must go out before whatever
+    the writer thread writes next, even a frame queued ahead of this item.
     """
-
-    def __init__(self, data: bytes | None) -> None:
-        self.data = data
 
 
 class _Failure:
@@ -305,6 +303,8 @@ class SocketLink(Link):
         self._write_state = threading.Condition()
         self._writing = False
         self._backlog = 0
+        # Bytes of an inline write to a plain socket that the socket did not take.
+        self._unsent = b""
         self._incoming: queue.Queue[object] = queue.Queue()
         self._error: LinkError | FrameError | None = None
         self._closed = False
@@ -357,14 +357,15 @@ class SocketLink(Link):
             data = encode_header(frame) + tensor_payload(frame.tensor)
             if isinstance(self._outbound, TlsStream):
                 if not self._outbound.send_nowait(data):
-                    leftover = _Leftover(None)
+                    leftover = _Leftover()
             else:
                 try:
                     written = self._outbound.send(data, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     written = 0
                 if written < len(data):
-                    leftover = _Leftover(data[written:])
+                    self._unsent = data[written:]
+                    leftover = _Leftover()
             self._sent += len(data)
         except (OSError, ValueError) as exc:
             if not self._closed:
@@ -449,12 +450,10 @@ class SocketLink(Link):
                     self._write_state.wait(timeout=1.0)
                 self._writing = True
             try:
-                if isinstance(item, _Leftover):
-                    if item.data is None:
-                        self._outbound.flush()
-                    else:
-                        self._outbound.sendall(item.data)
-                else:
+                # Another thread may have queued a frame while an inline write
+                # ran, ahead of its _Leftover: the rest of that write goes first.
+                self._finish_inline_write()
+                if not isinstance(item, _Leftover):
                     self._sent += write_frame(self._outbound, heartbeat if item is None else item)
             except (OSError, ValueError) as exc:
                 if not self._closed:
@@ -466,6 +465,13 @@ class SocketLink(Link):
                     if item is not None:
                         self._backlog -= 1
                     self._write_state.notify_all()
+
+    def _finish_inline_write(self) -> None:
+        if isinstance(self._outbound, TlsStream):
+            self._outbound.flush()
+        elif self._unsent:
+            self._outbound.sendall(self._unsent)
+            self._unsent = b""
 
     def _read_loop(self) -> None:
         while True:

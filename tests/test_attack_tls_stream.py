@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import homesplit.link
 from homesplit.bundle import DeviceBundle
 from homesplit.errors import FrameError, LinkError, PeerClosedError, PeerTimeoutError
 from homesplit.link import LinkTimeouts, SocketLink, read_frame
@@ -526,6 +527,46 @@ def link_kind(request: pytest.FixtureRequest) -> str:
 
 def _filled(value: int, count: int, **coordinates: int) -> Frame:
     return Frame(FrameKind.ACTIVATION, torch.full((count,), value, dtype=torch.uint8), **coordinates)
+
+
+def test_inline_rest_stays_before_queued_frame(link_kind: str, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small socket buffers and a receiver that is not reading yet make the
+    # inline write partial. While it runs, another thread queues a large frame.
+    dialed, accepted = _tcp_pair(buffer_bytes=65536)
+    outbound, inbound = (dialed, accepted) if link_kind == "tcp" else _tls_streams(bundles, dialed, accepted)
+    spare = socket.socketpair()
+    sender = SocketLink(outbound, spare[0], peer="laptop", timeouts=LINK_TIMEOUTS)
+    inline_started, queued = threading.Event(), threading.Event()
+    encode = homesplit.link.encode_header
+    inline_thread: list[threading.Thread] = []
+
+    def encode_and_pause(frame: Frame) -> bytes:
+        if threading.current_thread() in inline_thread and not inline_started.is_set():
+            inline_started.set()
+            queued.wait(WAIT_SECONDS)
+        return encode(frame)
+
+    monkeypatch.setattr(homesplit.link, "encode_header", encode_and_pause)
+    small, large = _filled(1, 60_000, step=1), _filled(2, 200_000, step=2)
+    inline_thread.append(threading.Thread(target=sender.send, args=(small,)))
+    try:
+        inline_thread[0].start()
+        assert inline_started.wait(WAIT_SECONDS)
+        sender.send(large)
+        queued.set()
+        inline_thread[0].join(WAIT_SECONDS)
+
+        inbound.settimeout(WAIT_SECONDS)
+        received = [read_frame(inbound, FrameLimits(), peer="laptop")[0] for _ in range(2)]
+    finally:
+        queued.set()
+        sender.close()
+        for sock in (dialed, accepted, *spare):
+            sock.close()
+    by_step = {frame.step: frame for frame in received}
+    assert sorted(by_step) == [1, 2]
+    assert torch.equal(by_step[1].tensor, small.tensor)
+    assert torch.equal(by_step[2].tensor, large.tensor)
 
 
 SENDERS = 4
