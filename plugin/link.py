@@ -103,6 +103,9 @@ class Link(abc.ABC):
         ------
         LinkError
             If the link already failed.
+        FrameError
+            If the frame cannot be encoded (an unsupported dtype, or a step
+            or micro-batch index out of range); nothing was sent.
         """
 
     @abc.abstractmethod
@@ -338,6 +341,9 @@ class SocketLink(Link):
             if inline:
                 self._write_inline(frame)
                 return
+        # The writer thread would meet an unsupported dtype or an out-of-range
+        # step only later, where the caller cannot see the error: check now.
+        encode_header(frame)
         self._enqueue(frame)
 
     def _can_write_inline(self) -> bool:

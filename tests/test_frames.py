@@ -280,3 +280,20 @@ def test_read_frame_fuzzed_stream(data: bytes) -> None:
     # A frame that decodes must re-encode to exactly the bytes it came from.
     payload = bytes(frame.tensor.reshape(-1).view(torch.uint8).numpy()) if frame.tensor.numel() else b""
     assert encode_header(frame) + payload == data[:size]
+
+
+@pytest.mark.parametrize("numel", [4, 1 << 20], ids=["inline", "queued"])
+def test_send_rejects_unsendable_dtype_in_caller(numel: int) -> None:
+    left, right = socket.socketpair()
+    link = SocketLink(left, left, peer="phone", limits=LIMITS, timeouts=TIMEOUTS)
+    try:
+        with pytest.raises(FrameError, match="cannot be sent"):
+            link.send(Frame(FrameKind.ACTIVATION, torch.zeros(numel, dtype=torch.complex64)))
+
+        link.send(Frame(FrameKind.ACTIVATION, torch.ones(3)))
+        right.settimeout(DEADLINE_SECONDS)
+        frame, _ = read_frame(right, LIMITS, peer="laptop")
+        assert torch.equal(frame.tensor, torch.ones(3))
+    finally:
+        link.close()
+        right.close()
