@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -53,6 +54,13 @@ def random_layers(rng: random.Random, count: int) -> list[LayerProfile]:
     ]
 
 
+def with_sizes(layer: LayerProfile, rng: random.Random) -> LayerProfile:
+    """Give `layer` seconds per sample at a few micro-batch sizes, as a profile by size has them."""
+    sizes = rng.sample([1, 2, 4, 8, 16, 32], 3)
+    by_size = {size: layer.seconds_per_sample * rng.uniform(0.3, 3.0) for size in sizes}
+    return dataclasses.replace(layer, seconds_per_sample_by_microbatch=by_size)
+
+
 def random_devices(rng: random.Random, count: int, *, memory_scale: int) -> list[DeviceProfile]:
     devices = []
     for i in range(count):
@@ -91,14 +99,18 @@ def plan_or_error(planner, *args, **kwargs) -> Plan | None:
 @pytest.mark.parametrize("objective", ["time", "energy"])
 def test_dynamic_program_matches_brute_force(objective):
     rng = random.Random(20261204 if objective == "time" else 4021)
-    # A second generator keeps the cases of `rng` as they were before the overhead existed.
+    # Further generators keep the cases of `rng` as they were before the
+    # overhead and the times by micro-batch size existed.
     overhead_rng = random.Random(97)
+    size_rng = random.Random(31)
     compared = 0
     for _ in range(TRIALS):
         num_devices = rng.randint(2, 5)
         # Brute force over five devices is slow; fewer units keep the test fast.
         num_units = rng.randint(1, 7 if num_devices < 5 else 5)
         layers = random_layers(rng, num_units)
+        if size_rng.random() < 0.5:
+            layers = [with_sizes(layer, size_rng) for layer in layers]
         devices = random_devices(rng, num_devices, memory_scale=rng.choice([10**6, 10**7, 10**8]))
         kwargs = dict(
             batch_size=rng.choice([4, 6, 16, 32]),
@@ -184,9 +196,11 @@ def test_step_cost_hand_example():
     # Micro-batch of 2: stage a computes 1.0 s, stage b 1.0 s, and the link
     # takes 2 * (0.25 + 2000 / 4000) = 1.5 s, so the link is the bottleneck.
     assert cost.bottleneck_seconds == pytest.approx(1.5)
-    assert cost.step_seconds == pytest.approx((2 + 2 - 1) * 1.5)
-    # Busy 2.0 s on each device in a 4.5 s step.
-    assert cost.energy_joules_per_sample == pytest.approx((10 * 2 + 2 * 2.5 + 5 * 2 + 1 * 2.5) / 4)
+    # The first micro-batch crosses a, the link and b in 3.5 s; the second ends 1.5 s later.
+    assert cost.traversal_seconds == pytest.approx(3.5)
+    assert cost.step_seconds == pytest.approx(3.5 + (2 - 1) * 1.5)
+    # Busy 2.0 s on each device in a 5.0 s step.
+    assert cost.energy_joules_per_sample == pytest.approx((10 * 2 + 2 * 3 + 5 * 2 + 1 * 3) / 4)
 
 
 def test_step_cost_counts_stage_overhead():
@@ -208,9 +222,42 @@ def test_step_cost_counts_stage_overhead():
     # Micro-batch of 2: stage a computes 1.0 s plus 0.5 s of runtime, stage b
     # computes 1.0 s plus 0.5 / 2 s of runtime at speed 2.
     assert cost.bottleneck_seconds == pytest.approx(1.5)
-    assert cost.step_seconds == pytest.approx((2 + 2 - 1) * 1.5)
+    assert cost.step_seconds == pytest.approx(1.5 + 1.25 + (2 - 1) * 1.5)
     # Busy per step: a (4 * 0.5 + 2 * 0.5) / 1 = 3.0 s, b (4 * 1.0 + 2 * 0.5) / 2 = 2.5 s.
-    assert cost.energy_joules_per_sample == pytest.approx((10 * 3.0 + 2 * 1.5 + 5 * 2.5 + 1 * 2.0) / 4)
+    assert cost.energy_joules_per_sample == pytest.approx((10 * 3.0 + 2 * 1.25 + 5 * 2.5 + 1 * 1.75) / 4)
+
+
+def test_seconds_per_sample_follow_microbatch_size():
+    layer = dataclasses.replace(
+        make_layer(0, last=True, seconds=1.0, output=1, parameters=1, activation=1),
+        seconds_per_sample_by_microbatch={4: 3.0, 16: 1.0},
+    )
+    plain = make_layer(0, last=True, seconds=1.0, output=1, parameters=1, activation=1)
+
+    assert layer.seconds_per_sample_at(4) == 3.0
+    assert layer.seconds_per_sample_at(16) == 1.0
+    # 8 lies halfway between 4 and 16 on a log scale.
+    assert layer.seconds_per_sample_at(8) == pytest.approx(2.0)
+    assert layer.seconds_per_sample_at(1) == 3.0
+    assert layer.seconds_per_sample_at(64) == 1.0
+    assert plain.seconds_per_sample_at(8) == 1.0
+    assert LayerProfile.from_dict(json.loads(json.dumps(layer.to_dict()))) == layer
+    assert layer.scaled(2.0).seconds_per_sample_by_microbatch == {4: 6.0, 16: 2.0}
+
+
+def test_cost_model_uses_time_at_microbatch_size():
+    layer = dataclasses.replace(
+        make_layer(0, last=True, seconds=1.0, output=1, parameters=1, activation=1),
+        seconds_per_sample_by_microbatch={4: 3.0, 16: 1.0},
+    )
+    device = DeviceProfile(name="d", speed=2.0, memory_bytes=10**9, idle_watts=1.0, busy_watts=3.0)
+    model = CostModel([layer], [device], LinkTable(), batch_size=16, schedule="1f1b", optimizer="sgd")
+
+    # 4 micro-batches of 4 samples at 3 s each, on a device of speed 2.
+    assert model.compute_seconds(0, 1, device, microbatch_size=4) == pytest.approx(6.0)
+    assert model.busy_seconds(0, 1, device, num_microbatches=4) == pytest.approx(24.0)
+    assert model.step_cost([0, 1], [device], num_microbatches=4).step_seconds == pytest.approx(24.0)
+    assert model.step_cost([0, 1], [device], num_microbatches=1).step_seconds == pytest.approx(8.0)
 
 
 def test_stage_overhead_favours_fewer_stages():
@@ -220,7 +267,9 @@ def test_stage_overhead_favours_fewer_stages():
     arguments = {"batch_size": 8, "microbatch_candidates": [4], "optimizer": "sgd"}
 
     without = plan_household(layers, devices, links, **arguments)
-    # Two stages: 5 slots of 2 + 10 ms = 60 ms; one stage: 4 slots of 4 + 10 ms = 56 ms.
+    # Two stages: a traversal of 2 * 12 ms plus 3 periods of 12 ms = 60 ms; one
+    # stage: 4 micro-batches of 4 + 10 ms = 56 ms. Without the overhead, two
+    # stages take 4 + 3 * 2 = 10 ms and one takes 16 ms.
     with_overhead = plan_household(layers, devices, links, stage_overhead_seconds=0.01, **arguments)
 
     assert without.num_stages == 2

@@ -138,3 +138,45 @@ def test_device_benchmark_reports_speed():
     assert device.speed > 0
     assert device.memory_bytes > 0
     assert device.name == "laptop"
+
+
+def test_profile_times_every_microbatch_size():
+    profile = profile_model(small_mlp(), (torch.randn(16, 32),), repeats=REPEATS)
+
+    for layer in profile.layers:
+        # ceil(16 / M) for the planner's default counts 1, 2, 4, 8 and 16.
+        assert sorted(layer.seconds_per_sample_by_microbatch) == [1, 2, 4, 8, 16]
+        assert all(seconds > 0 for seconds in layer.seconds_per_sample_by_microbatch.values())
+        assert layer.seconds_per_sample == layer.seconds_per_sample_by_microbatch[16]
+
+
+def test_explicit_microbatch_sizes_keep_full_batch():
+    profile = profile_model(small_mlp(), (torch.randn(16, 32),), repeats=REPEATS, microbatch_sizes=[3, 64])
+
+    assert sorted(profile.layers[0].seconds_per_sample_by_microbatch) == [3, 16]
+
+
+def test_unpicklable_model_timed_in_process(caplog):
+    class Local(nn.Module):  # a class inside a function cannot be pickled
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    with caplog.at_level("WARNING", logger="homesplit.planner.unit_timing"):
+        profile = profile_model(Local(), (torch.randn(8, 8),), repeats=REPEATS)
+
+    assert "cannot be pickled" in caplog.text
+    assert all(layer.seconds_per_sample > 0 for layer in profile.layers)
+
+
+def test_microbatch_size_that_raises_is_left_out(caplog):
+    # BatchNorm in training mode rejects a batch of one sample.
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with caplog.at_level("WARNING", logger="homesplit.planner.unit_timing"):
+        profile = profile_model(model, (torch.randn(4, 8),), repeats=REPEATS)
+
+    assert sorted(profile.layers[0].seconds_per_sample_by_microbatch) == [2, 4]
+    assert "micro-batches of [1] samples" in caplog.text

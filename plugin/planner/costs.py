@@ -3,10 +3,11 @@
 A candidate plan assigns consecutive units ``[bounds[s], bounds[s + 1])`` to
 device ``devices[s]`` for every stage ``s`` of ``S`` stages, and splits a
 mini-batch of ``B`` samples into ``M`` micro-batches of at most
-``b = ceil(B / M)`` samples. With ``t`` a unit's forward plus backward seconds
-per sample on the reference device:
+``b = ceil(B / M)`` samples. With ``t(b)`` a unit's forward plus backward
+seconds per sample on the reference device, measured at micro-batches of ``b``
+samples (`LayerProfile.seconds_per_sample_at`):
 
-- compute of stage ``s`` per micro-batch: ``b * sum(t) / speed``;
+- compute of stage ``s`` per micro-batch: ``b * sum(t(b)) / speed``;
 - runtime of stage ``s`` per micro-batch: ``r / speed``, with ``r`` the
   reference seconds that the stage runtime spends on one micro-batch apart
   from the model (splitting, framing, link threads, Python). It runs on the
@@ -16,9 +17,15 @@ per sample on the reference device:
   other, each taking ``latency + b * bytes_per_sample / bandwidth``. Sending
   both directions in turn models a half-duplex link such as Wi-Fi;
 - bottleneck: the largest stage compute plus runtime, or transfer, per micro-batch;
-- step time: ``(M + S - 1) * bottleneck``, the fill-drain length of a pipeline
-  in which every slot lasts as long as the slowest stage or link;
-- busy time of stage ``s`` per step: ``(B * sum(t) + m * r) / speed``, with
+- traversal: the sum of every stage's compute plus runtime and every link's
+  transfer per micro-batch, the time one micro-batch takes forward through
+  the pipeline and backward again;
+- step time: ``traversal + (M - 1) * bottleneck``. The first micro-batch
+  crosses every stage and link once, and each later one finishes one
+  bottleneck period after the one before it, as in 1F1B's steady state. Fill
+  and drain are done by every stage at its own speed, so the step is shorter
+  than ``(M + S - 1) * bottleneck`` when the stages and links differ;
+- busy time of stage ``s`` per step: ``(B * sum(t(b)) + m * r) / speed``, with
   ``m = ceil(B / b)`` the micro-batches that actually run; the rest of the
   step, ``step - busy``, is that device's bubble;
 - energy per sample: ``sum over used devices of (busy_watts * busy + idle_watts
@@ -57,6 +64,9 @@ class StepCost:
     bottleneck_seconds : float
         Largest stage compute plus runtime, or link transfer, per micro-batch,
         in seconds.
+    traversal_seconds : float
+        Sum of every stage's compute plus runtime and every link's transfer per
+        micro-batch, in seconds: one micro-batch's way through the pipeline.
     step_seconds : float
         Predicted time of one mini-batch, in seconds.
     energy_joules_per_sample : float or None
@@ -65,6 +75,7 @@ class StepCost:
     """
 
     bottleneck_seconds: float
+    traversal_seconds: float
     step_seconds: float
     energy_joules_per_sample: float | None
 
@@ -125,8 +136,9 @@ class CostModel:
         self.optimizer = optimizer
         self.stage_overhead_seconds = float(stage_overhead_seconds)
 
-        # Prefix sums make every segment's cost O(1).
-        self._seconds = [0.0, *accumulate(layer.seconds_per_sample for layer in layers)]
+        # Prefix sums make every segment's cost O(1); the seconds per sample
+        # depend on the micro-batch size, so their sums are built per size.
+        self._seconds: dict[int, list[float]] = {}
         self._activation = [0, *accumulate(layer.activation_bytes_per_sample for layer in layers)]
         self._static = [0, *accumulate(layer.static_bytes(optimizer) for layer in layers)]
         self._parameters = [0, *accumulate(layer.parameter_count for layer in layers)]
@@ -146,9 +158,14 @@ class CostModel:
             return num_microbatches
         return min(stages_from_end, num_microbatches)
 
+    def unit_seconds(self, index: int, *, microbatch_size: int) -> float:
+        """Return unit `index`'s reference seconds per sample at micro-batches of `microbatch_size`."""
+        return self._prefix_seconds(microbatch_size)[index + 1] - self._prefix_seconds(microbatch_size)[index]
+
     def compute_seconds(self, start: int, stop: int, device: DeviceProfile, *, microbatch_size: int) -> float:
         """Return forward plus backward seconds of units ``[start, stop)`` for one micro-batch."""
-        return microbatch_size * (self._seconds[stop] - self._seconds[start]) / device.speed
+        seconds = self._prefix_seconds(microbatch_size)
+        return microbatch_size * (seconds[stop] - seconds[start]) / device.speed
 
     def runtime_seconds(self, device: DeviceProfile) -> float:
         """Return the seconds the stage runtime spends on `device` per micro-batch, apart from compute."""
@@ -165,9 +182,15 @@ class CostModel:
         micro-batch that runs: ``ceil(B / ceil(B / M))``, which is below ``M``
         when ``M`` does not divide ``B`` evenly enough.
         """
-        count = math.ceil(self.batch_size / self.microbatch_size(num_microbatches))
-        compute = self.batch_size * (self._seconds[stop] - self._seconds[start])
+        size = self.microbatch_size(num_microbatches)
+        count = math.ceil(self.batch_size / size)
+        seconds = self._prefix_seconds(size)
+        compute = self.batch_size * (seconds[stop] - seconds[start])
         return (compute + count * self.stage_overhead_seconds) / device.speed
+
+    def step_seconds(self, *, bottleneck_seconds: float, traversal_seconds: float, num_microbatches: int) -> float:
+        """Return the step time ``traversal + (M - 1) * bottleneck``, in seconds."""
+        return traversal_seconds + (num_microbatches - 1) * bottleneck_seconds
 
     def memory_bytes(self, start: int, stop: int, *, kept_microbatches: int, microbatch_size: int) -> int:
         """Return the peak memory of a stage that runs units ``[start, stop)``, in bytes."""
@@ -212,13 +235,16 @@ class CostModel:
         `devices` has ``S``.
         """
         size = self.microbatch_size(num_microbatches)
-        bottleneck = 0.0
+        bottleneck = traversal = 0.0
         for s, device in enumerate(devices):
-            bottleneck = max(bottleneck, self.stage_seconds(bounds[s], bounds[s + 1], device, microbatch_size=size))
+            stage = self.stage_seconds(bounds[s], bounds[s + 1], device, microbatch_size=size)
+            bottleneck, traversal = max(bottleneck, stage), traversal + stage
             if s + 1 < len(devices):
                 transfer = self.transfer_seconds(bounds[s + 1], device, devices[s + 1], microbatch_size=size)
-                bottleneck = max(bottleneck, transfer)
-        step = (num_microbatches + len(devices) - 1) * bottleneck
+                bottleneck, traversal = max(bottleneck, transfer), traversal + transfer
+        step = self.step_seconds(
+            bottleneck_seconds=bottleneck, traversal_seconds=traversal, num_microbatches=num_microbatches
+        )
 
         energy = None
         if all(device.has_power for device in devices):
@@ -227,7 +253,16 @@ class CostModel:
                 busy = self.busy_seconds(bounds[s], bounds[s + 1], device, num_microbatches=num_microbatches)
                 joules += device.busy_watts * busy + device.idle_watts * (step - busy)
             energy = joules / self.batch_size
-        return StepCost(bottleneck_seconds=bottleneck, step_seconds=step, energy_joules_per_sample=energy)
+        return StepCost(
+            bottleneck_seconds=bottleneck, traversal_seconds=traversal, step_seconds=step, energy_joules_per_sample=energy
+        )
+
+    def _prefix_seconds(self, microbatch_size: int) -> list[float]:
+        """Return the prefix sums of the units' seconds per sample at `microbatch_size`."""
+        if microbatch_size not in self._seconds:
+            per_sample = (layer.seconds_per_sample_at(microbatch_size) for layer in self.layers)
+            self._seconds[microbatch_size] = [0.0, *accumulate(per_sample)]
+        return self._seconds[microbatch_size]
 
     def build_plan(
         self, bounds: Sequence[int], devices: Sequence[DeviceProfile], *, num_microbatches: int, objective: str
@@ -266,6 +301,7 @@ class CostModel:
             optimizer=self.optimizer,
             stage_overhead_seconds=self.stage_overhead_seconds,
             bottleneck_seconds=cost.bottleneck_seconds,
+            traversal_seconds=cost.traversal_seconds,
             step_seconds=cost.step_seconds,
             energy_joules_per_sample=cost.energy_joules_per_sample,
             idle_devices=[device.name for device in self.devices if device.name not in used],

@@ -9,22 +9,25 @@ from the back, because a 1F1B stage's memory depends on its distance from the
 last stage, which is known from the back without knowing the number of
 stages. A state is ``(start, device, used)``: units ``[start, n)`` run on the
 devices in the set ``used``, the first of them on ``device``. Its value is the
-Pareto front of (bottleneck seconds, additive joules) over all ways to reach
-it, where the additive part is ``sum((busy_watts - idle_watts) * busy
-seconds)`` over the stages. A stage's share of the bottleneck is its compute
-plus its runtime overhead per micro-batch, and its busy seconds include that
-overhead for every micro-batch, as in `homesplit.planner.costs`. Both objectives grow with both numbers once
+Pareto front of (bottleneck seconds, traversal seconds, additive joules) over
+all ways to reach it. The traversal is the sum of the stages' and links' times
+per micro-batch, and the additive part is ``sum((busy_watts - idle_watts) *
+busy seconds)`` over the stages. A stage's share of the bottleneck and the
+traversal is its compute plus its runtime overhead per micro-batch, and its
+busy seconds include that overhead for every micro-batch, as in
+`homesplit.planner.costs`. Both objectives grow with all three numbers once
 ``used`` is fixed, since
 
-- time = ``(M + S - 1) * bottleneck``, and
-- energy * B = ``additive + sum(idle_watts over used) * (M + S - 1) * bottleneck``,
+- time = ``traversal + (M - 1) * bottleneck``, and
+- energy * B = ``additive + sum(idle_watts over used) * time``.
 
-with ``S = len(used)``. So no state that is dominated on both numbers can lead
-to the optimum, and the front keeps the search exact. For "time" the additive
-part is zero and the front has one entry. Entries whose lower bound is worse
-than a plan already known are dropped too. The cost grows as ``n**2 * D**2 *
-2**D`` front merges per ``M`` for ``n`` units and ``D`` devices, times the
-front size, which has no proven bound.
+Stages added in front only raise the bottleneck and add to the traversal and
+the additive part, so no state that is dominated on all three numbers can
+lead to the optimum, and the front keeps the search exact. For "time" the
+additive part is zero and the front is the Pareto front of the first two.
+Entries whose lower bound is worse than a plan already known are dropped too.
+The cost grows as ``n**2 * D**2 * 2**D`` front merges per ``M`` for ``n``
+units and ``D`` devices, times the front size, which has no proven bound.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MICROBATCH_CANDIDATES = (1, 2, 4, 8, 16, 32)
 """Micro-batch counts the planner tries when the caller passes none."""
 
-# A front entry: (bottleneck seconds, additive joules, path), where the path is
-# a linked list (start, device index, rest of the path or None).
-_Entry = tuple[float, float, tuple | None]
+# A front entry: (bottleneck seconds, traversal seconds, additive joules, path),
+# where the path is a linked list (start, device index, rest of the path or None).
+_Entry = tuple[float, float, float, tuple | None]
 
 
 def plan_household(
@@ -246,6 +249,7 @@ def _solve(
     size = model.microbatch_size(num_microbatches)
     energy = objective == "energy"
     least_additive = _least_additive_prefix(model, num_microbatches) if energy else [0.0] * (n + 1)
+    least_traversal = _least_traversal_prefix(model, num_microbatches)
     # A relative margin keeps rounding in the bound from dropping the optimum.
     limit = bound + abs(bound) * 1e-9
     fronts: dict[tuple[int, int, int], list[_Entry]] = {}
@@ -267,12 +271,16 @@ def _solve(
                     energy=energy,
                     fronts=fronts,
                 )
-                # Units before `start` add at least least_additive[start], and more
-                # devices only add stages and idle power, so this is a lower bound.
+                # Units before `start` add at least least_traversal[start] and
+                # least_additive[start], and more devices only add stages and idle
+                # power, so this is a lower bound.
                 front = [
-                    (bottleneck, additive, path)
-                    for bottleneck, additive, path in front
-                    if _value(model, bottleneck, additive + least_additive[start], used, num_microbatches, energy)
+                    entry
+                    for entry in front
+                    if _value(
+                        model, entry[0], entry[1] + least_traversal[start], entry[2] + least_additive[start], used,
+                        num_microbatches, energy,
+                    )  # fmt: skip
                     <= limit
                 ]
                 if front:
@@ -282,8 +290,9 @@ def _solve(
     for (start, d, used), front in fronts.items():
         if start != 0 or (owner is not None and d != owner):
             continue
-        for bottleneck, additive, path in front:
-            key = (_value(model, bottleneck, additive, used, num_microbatches, energy), used.bit_count(), path)
+        for bottleneck, traversal, additive, path in front:
+            value = _value(model, bottleneck, traversal, additive, used, num_microbatches, energy)
+            key = (value, used.bit_count(), path)
             if best is None or key[:2] < best[:2]:
                 best = key
     if best is None:
@@ -293,23 +302,47 @@ def _solve(
 
 
 def _value(
-    model: CostModel, bottleneck: float, additive: float, used: int, num_microbatches: int, energy: bool
+    model: CostModel,
+    bottleneck: float,
+    traversal: float,
+    additive: float,
+    used: int,
+    num_microbatches: int,
+    energy: bool,
 ) -> float:
-    """Return the objective of a plan on the devices in `used` from its two front numbers."""
-    slots = num_microbatches + used.bit_count() - 1
+    """Return the objective of a plan on the devices in `used` from its three front numbers."""
+    step = model.step_seconds(
+        bottleneck_seconds=bottleneck, traversal_seconds=traversal, num_microbatches=num_microbatches
+    )
     if not energy:
-        return slots * bottleneck
+        return step
     idle_watts = sum(model.devices[e].idle_watts for e in _members(used))
-    return (additive + idle_watts * slots * bottleneck) / model.batch_size
+    return (additive + idle_watts * step) / model.batch_size
+
+
+def _least_traversal_prefix(model: CostModel, num_microbatches: int) -> list[float]:
+    """Return, for each start, the least traversal seconds that units before it can add on any device."""
+    size = model.microbatch_size(num_microbatches)
+    compute = [0.0]
+    for i in range(len(model.layers)):
+        least = min(size * model.unit_seconds(i, microbatch_size=size) / device.speed for device in model.devices)
+        compute.append(compute[-1] + least)
+
+    # Units before a start > 0 form at least one more stage, which pays the
+    # runtime once; links only add to this.
+    runtime = min(model.runtime_seconds(device) for device in model.devices)
+    return [compute[0], *(value + runtime for value in compute[1:])]
 
 
 def _least_additive_prefix(model: CostModel, num_microbatches: int) -> list[float]:
     """Return, for each start, the least additive energy that units before it can add on any device."""
     # The compute part of a stage's additive energy is a sum over its units.
+    size = model.microbatch_size(num_microbatches)
     compute = [0.0]
     for i in range(len(model.layers)):
+        seconds = model.unit_seconds(i, microbatch_size=size)
         least = min(
-            (device.busy_watts - device.idle_watts) * model.batch_size * model.layers[i].seconds_per_sample / device.speed
+            (device.busy_watts - device.idle_watts) * model.batch_size * seconds / device.speed
             for device in model.devices
         )
         compute.append(compute[-1] + least)
@@ -365,7 +398,7 @@ def _extend(
             return []
         compute = model.stage_seconds(start, n, device, microbatch_size=size)
         additive = _additive(model, start, n, device, num_microbatches=num_microbatches, energy=energy)
-        return [(compute, additive, (start, d, None))]
+        return [(compute, compute, additive, (start, d, None))]
 
     # Leave at least one unit for each later stage.
     for stop in range(start + 1, n - rest.bit_count() + 1):
@@ -381,8 +414,9 @@ def _extend(
                 continue
             transfer = model.transfer_seconds(stop, device, model.devices[e], microbatch_size=size)
             head = max(compute, transfer)
-            for bottleneck, later_additive, path in later:
-                candidates.append((max(head, bottleneck), additive + later_additive, (start, d, path)))
+            for bottleneck, traversal, later_additive, path in later:
+                entry = (max(head, bottleneck), compute + transfer + traversal, additive + later_additive, (start, d, path))
+                candidates.append(entry)
     return _pareto(candidates)
 
 
@@ -396,11 +430,13 @@ def _additive(
 
 
 def _pareto(candidates: list[_Entry]) -> list[_Entry]:
-    """Keep the entries that no other entry beats on both bottleneck and additive cost."""
-    candidates.sort(key=lambda entry: (entry[0], entry[1]))
+    """Keep the entries that no other entry matches or beats on bottleneck, traversal and additive cost."""
+    # After sorting, every kept entry has a bottleneck no larger than the
+    # current one, so only the other two numbers need comparing.
+    candidates.sort(key=lambda entry: entry[:3])
     front: list[_Entry] = []
     for entry in candidates:
-        if not front or entry[1] < front[-1][1]:
+        if not any(kept[1] <= entry[1] and kept[2] <= entry[2] for kept in front):
             front.append(entry)
     return front
 

@@ -10,12 +10,14 @@ at that device's speed too.
 one process per stage, TCP on loopback) of a model too small to cost anything
 worth counting. It trains the same mini-batches with two micro-batch counts
 ``M1 < M2``, in alternating rounds so that a change of load on the machine
-affects both counts alike. With a step of ``(M + S - 1)`` slots, the median
-step of stage 0 grows by one slot per extra micro-batch, so the slot is
+affects both counts alike. The cost model's step is ``traversal + (M - 1) *
+bottleneck``, and in this pipeline the bottleneck period is the runtime's own
+work, so the median step of stage 0 grows by that period per extra
+micro-batch:
 
     (step(M2) - step(M1)) / (M2 - M1).
 
-This slot is the figure the cost model adds to every stage per micro-batch.
+This period is the figure the cost model adds to every stage per micro-batch.
 It includes the forward and backward pass of two 4-wide Linear layers and the
 loopback round trip of each frame, both small beside the runtime's own work.
 """

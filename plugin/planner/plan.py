@@ -95,8 +95,8 @@ class Plan:
         The largest stage compute plus runtime, or link transfer, per
         micro-batch, in seconds.
     step_seconds : float
-        Predicted time of one mini-batch: ``(num_microbatches + num_stages - 1)
-        * bottleneck_seconds``, in seconds.
+        Predicted time of one mini-batch: ``traversal_seconds +
+        (num_microbatches - 1) * bottleneck_seconds``, in seconds.
     energy_joules_per_sample : float or None
         Predicted energy of the used devices per sample, in joules, or None
         when a used device has no power figures.
@@ -106,6 +106,10 @@ class Plan:
         Runtime seconds per micro-batch and stage on the reference device that
         the prediction assumes. Each stage's `runtime_seconds` is this figure
         divided by its device's speed. 0.0 when it was not measured.
+    traversal_seconds : float or None, default None
+        Sum of every stage's compute plus runtime and every link's transfer per
+        micro-batch, in seconds: one micro-batch's way forward through the
+        pipeline and back. None in plans written before the step time counted it.
     """
 
     stages: list[StagePlan]
@@ -120,6 +124,7 @@ class Plan:
     energy_joules_per_sample: float | None
     idle_devices: list[str]
     stage_overhead_seconds: float = 0.0
+    traversal_seconds: float | None = None
 
     @property
     def num_stages(self) -> int:

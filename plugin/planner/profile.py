@@ -5,7 +5,11 @@ so each unit is exactly what a stage would run. Each unit then runs forward and
 backward on the example inputs (or on what the previous unit returned):
 
 - time: the median of several timed forward plus backward passes, divided by
-  the batch size;
+  the samples, at every micro-batch size the planner may choose
+  (`LayerProfile.seconds_per_sample_by_microbatch`). The time per sample
+  changes with the size, by a factor of two between 4 and 64 samples for a
+  small transformer. The passes run in a child process that sets glibc's mmap
+  threshold as stage processes do (`homesplit.planner.unit_timing` says why);
 - activation bytes kept for backward: the distinct storages that autograd
   saves during the forward pass (through `torch.autograd.graph.saved_tensors_hooks`),
   leaving out the unit's own parameters and buffers;
@@ -30,16 +34,13 @@ the cuts and the input shapes and dtypes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,9 @@ from torch.utils import _pytree as pytree
 from homesplit.errors import ConfigError
 from homesplit.partition import candidate_cuts, flatten_value, split_model
 from homesplit.planner.benchmark import measure_matmul_flops
+from homesplit.planner.optimize import DEFAULT_MICROBATCH_CANDIDATES
 from homesplit.planner.profiles import LayerProfile, ModelProfile
+from homesplit.planner.unit_timing import forward_backward, restoring_state, time_units
 
 __all__ = ["profile_model", "model_signature"]
 
@@ -69,6 +72,8 @@ def profile_model(
     repeats: int = 5,
     leaf_modules: Sequence[type] = (),
     measure_overhead: bool = False,
+    microbatch_sizes: Sequence[int] | None = None,
+    stage_allocator: bool = True,
 ) -> ModelProfile:
     """Profile every unit between consecutive cuts of `model` on this machine.
 
@@ -87,7 +92,10 @@ def profile_model(
         JSON file of cached profiles. A cached profile with the same
         signature is returned without running the model; a new one is added.
     repeats : int, default 5
-        Timed forward plus backward passes per unit, after one untimed pass.
+        Rounds of timed forward plus backward passes, after one untimed pass
+        per unit and micro-batch size. A round runs every unit once per size,
+        and sizes below a quarter of the batch proportionally more often, so
+        that each size times about as many samples.
     leaf_modules : sequence of type, default ()
         Passed to `split_model` and `candidate_cuts`.
     measure_overhead : bool, default False
@@ -95,6 +103,18 @@ def profile_model(
         `measure_stage_overhead`, which starts two stage processes and takes
         some seconds. A cached profile without the figure gets it measured
         and written back. False leaves it None, or as cached.
+    microbatch_sizes : sequence of int or None, default None
+        Micro-batch sizes, in samples, to time every unit at. None takes
+        ``ceil(B / M)`` for every count ``M`` of the planner's
+        `DEFAULT_MICROBATCH_CANDIDATES` up to the batch size ``B``, which
+        always includes ``B``. Sizes above ``B`` are left out.
+    stage_allocator : bool, default True
+        Time the units in a child process that sets glibc's mmap threshold as
+        stage processes do, so that the times include the page faults the
+        stages pay (`homesplit.planner.unit_timing`). The child gets a pickled
+        copy of the model and the inputs; a model that cannot be pickled is
+        timed in this process instead, with a WARNING. False times in this
+        process.
 
     Returns
     -------
@@ -105,7 +125,8 @@ def profile_model(
     ------
     ConfigError
         If the model lives on the ``meta`` device, the inputs have no batch
-        dimension, or `repeats` is below 1.
+        dimension, `repeats` is below 1, or a micro-batch size is not a
+        positive integer.
     PartitionError
         If the model cannot be cut at `cuts`.
     """
@@ -115,6 +136,7 @@ def profile_model(
     if any(tensor.is_meta for tensor in model.parameters()):
         raise ConfigError("the model has parameters on the meta device; profile a model with real weights")
     batch_size = _batch_size(example_inputs)
+    sizes = _microbatch_sizes(microbatch_sizes, batch_size)
     if cuts is None:
         cuts = candidate_cuts(model, example_inputs=example_inputs, leaf_modules=leaf_modules)
     cuts = list(cuts)
@@ -133,8 +155,13 @@ def profile_model(
     layers = []
     args: tuple = example_inputs
     # split_model runs the example inputs through the segments as well.
-    with _restoring_state(model):
+    with restoring_state(model):
         split = split_model(model, cuts, example_inputs=example_inputs, leaf_modules=leaf_modules)
+        # The full batch ran through every segment above, so its times exist.
+        timings = time_units(
+            model, example_inputs, cuts, microbatch_sizes=sizes, repeats=repeats, leaf_modules=leaf_modules,
+            stage_allocator=stage_allocator,
+        )  # fmt: skip
         for k, segment in enumerate(split.segments):
             is_last = k == len(split.segments) - 1
             layer, output = _profile_unit(
@@ -143,10 +170,13 @@ def profile_model(
                 name=names[k],
                 cut=None if is_last else cuts[k],
                 batch_size=batch_size,
-                repeats=repeats,
                 inputs_need_grad=k > 0,
             )
-            layers.append(layer)
+            layers.append(
+                dataclasses.replace(
+                    layer, seconds_per_sample=timings[k][batch_size], seconds_per_sample_by_microbatch=timings[k]
+                )
+            )
             if not is_last:
                 args = pytree.tree_unflatten(flatten_value(output), split.boundaries[k].args_spec)
 
@@ -185,6 +215,16 @@ def _measure_overhead() -> float:
     return measure_stage_overhead(threads=torch.get_num_threads())
 
 
+def _microbatch_sizes(microbatch_sizes: Sequence[int] | None, batch_size: int) -> list[int]:
+    """Return the micro-batch sizes to time, in increasing order, always with `batch_size`."""
+    if microbatch_sizes is None:
+        microbatch_sizes = [-(-batch_size // count) for count in DEFAULT_MICROBATCH_CANDIDATES if count <= batch_size]
+    for size in microbatch_sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"micro-batch size {size!r} must be a positive integer")
+    return sorted({*(size for size in microbatch_sizes if size <= batch_size), batch_size})
+
+
 def _profile_unit(
     segment: nn.Module,
     args: tuple,
@@ -192,10 +232,9 @@ def _profile_unit(
     name: str,
     cut: str | None,
     batch_size: int,
-    repeats: int,
     inputs_need_grad: bool,
 ) -> tuple[LayerProfile, Any]:
-    """Measure one unit; return its profile and its output for the next unit."""
+    """Measure one unit's bytes; return its profile, timed later, and its output for the next unit."""
     own_storages = {_storage_key(t) for t in [*segment.parameters(), *segment.buffers()]}
     saved: dict[tuple, int] = {}
 
@@ -206,12 +245,7 @@ def _profile_unit(
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = _forward_backward(segment, args, inputs_need_grad)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _forward_backward(segment, args, inputs_need_grad)
-        seconds.append(time.perf_counter() - start)
+        output = forward_backward(segment, args, inputs_need_grad)
 
     parameters = list(segment.parameters())
     trainable = [p for p in parameters if p.requires_grad]
@@ -220,7 +254,8 @@ def _profile_unit(
     layer = LayerProfile(
         name=name,
         cut=cut,
-        seconds_per_sample=statistics.median(seconds) / batch_size,
+        # Set from the timed passes by the caller.
+        seconds_per_sample=0.0,
         output_bytes_per_sample=_per_sample(sum(_nbytes(t) for t in flatten_value(output)), batch_size),
         parameter_count=sum(p.numel() for p in parameters),
         parameter_bytes=state_bytes,
@@ -235,28 +270,6 @@ def _profile_unit(
         largest_gradient_bytes=max((_nbytes(p) for p in trainable), default=0),
     )
     return layer, _detached(output)
-
-
-def _forward_backward(segment: nn.Module, args: tuple, inputs_need_grad: bool) -> Any:
-    """Run one forward and backward pass as a training stage would; return the output."""
-    leaves, spec = pytree.tree_flatten(args)
-    fresh = []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            leaf = leaf.detach()
-            # A stage after the first sends its input gradient upstream, so it pays for computing it.
-            if inputs_need_grad and leaf.is_floating_point():
-                leaf.requires_grad_(True)
-        fresh.append(leaf)
-    output = segment(*pytree.tree_unflatten(fresh, spec))
-
-    # A random gradient of the output's shape costs what the real one would.
-    outputs = [t for t in flatten_value(output) if t.requires_grad]
-    if outputs:
-        torch.autograd.backward(outputs, [torch.randn_like(t) for t in outputs])
-    for parameter in segment.parameters():
-        parameter.grad = None
-    return output
 
 
 def _batch_size(example_inputs: tuple) -> int:
@@ -302,22 +315,6 @@ def _per_sample(num_bytes: int, batch_size: int) -> int:
 
 def _detached(value: Any) -> Any:
     return pytree.tree_map(lambda leaf: leaf.detach() if isinstance(leaf, torch.Tensor) else leaf, value)
-
-
-@contextlib.contextmanager
-def _restoring_state(model: nn.Module) -> Iterator[None]:
-    """Put back the model's buffers and gradients on exit."""
-    # Training-mode forwards update running statistics such as BatchNorm's.
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
-    grads = {name: parameter.grad for name, parameter in model.named_parameters()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, buffer in model.named_buffers():
-                buffer.copy_(buffers[name])
-        for name, parameter in model.named_parameters():
-            parameter.grad = grads[name]
 
 
 def _read_cache(cache_path: str | Path | None, signature: str) -> ModelProfile | None:

@@ -9,7 +9,7 @@ ConfigRecord as a JSON string. Measuring these numbers is the job of
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from homesplit.errors import ConfigError
@@ -56,6 +56,13 @@ class LayerProfile:
         Bytes of the largest trainable parameter, which sizes the temporary
         tensors of gradient accumulation and of the optimizer step (see
         `homesplit.planner.costs`). Profiles cached without it read as 0.
+    seconds_per_sample_by_microbatch : dict of int to float, default {}
+        Forward plus backward seconds per sample on the reference device, by
+        the micro-batch size (samples) they were measured at. The time per
+        sample changes with the micro-batch size: small micro-batches pay the
+        per-call cost of every operator, and large ones allocate tensors that
+        glibc serves with fresh pages. Empty in profiles cached without it, and
+        then `seconds_per_sample` stands for every size.
     """
 
     name: str
@@ -68,6 +75,40 @@ class LayerProfile:
     optimizer_bytes: dict[str, int]
     activation_bytes_per_sample: int
     largest_gradient_bytes: int = 0
+    seconds_per_sample_by_microbatch: dict[int, float] = field(default_factory=dict)
+
+    def seconds_per_sample_at(self, microbatch_size: int) -> float:
+        """Return the forward plus backward seconds per sample at a micro-batch of `microbatch_size` samples.
+
+        A measured size gives its own figure. Between two measured sizes the
+        figure is interpolated linearly in the logarithm of the size, and
+        outside them the nearest measured size stands for it. Without figures
+        by size, `seconds_per_sample` stands for every size.
+        """
+        measured = self.seconds_per_sample_by_microbatch
+        if not measured:
+            return self.seconds_per_sample
+        if microbatch_size in measured:
+            return measured[microbatch_size]
+        sizes = sorted(measured)
+        if microbatch_size <= sizes[0]:
+            return measured[sizes[0]]
+        if microbatch_size >= sizes[-1]:
+            return measured[sizes[-1]]
+        upper = next(size for size in sizes if size > microbatch_size)
+        lower = sizes[sizes.index(upper) - 1]
+        weight = math.log(microbatch_size / lower) / math.log(upper / lower)
+        return measured[lower] + weight * (measured[upper] - measured[lower])
+
+    def scaled(self, factor: float) -> LayerProfile:
+        """Return a copy whose times, at every micro-batch size, are multiplied by `factor`."""
+        return replace(
+            self,
+            seconds_per_sample=self.seconds_per_sample * factor,
+            seconds_per_sample_by_microbatch={
+                size: seconds * factor for size, seconds in self.seconds_per_sample_by_microbatch.items()
+            },
+        )
 
     def static_bytes(self, optimizer: str) -> int:
         """Return parameter, gradient and optimizer-state bytes for `optimizer`.
@@ -92,7 +133,11 @@ class LayerProfile:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerProfile:
         """Build a profile from the output of `to_dict`."""
-        return cls(**{**data, "optimizer_bytes": dict(data["optimizer_bytes"])})
+        # JSON turns the integer keys of the figures by size into strings.
+        by_size = {int(size): float(seconds) for size, seconds in data.get("seconds_per_sample_by_microbatch", {}).items()}
+        return cls(
+            **{**data, "optimizer_bytes": dict(data["optimizer_bytes"]), "seconds_per_sample_by_microbatch": by_size}
+        )
 
 
 @dataclass(frozen=True)
