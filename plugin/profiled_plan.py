@@ -160,9 +160,13 @@ def household_profile(
     """Return the layer profile of `model` on a batch of `batch_size`, measuring it on first use.
 
     The model is profiled in training mode with one torch thread, as stage
-    processes run by default. Later calls with the same model signature
-    (structure, cuts, input shapes and dtypes) return the profile kept in
-    memory. Parameters are those of `plan_household_profiled`.
+    processes run by default. The first call for a model signature
+    (structure, cuts, input shapes and dtypes) also measures the stage
+    runtime's cost per micro-batch with `measure_stage_overhead`, which runs
+    two stage processes on loopback for some seconds, unless `cache_path`
+    contains a profile with that figure. Later calls with the same signature
+    return the profile kept in memory. Parameters are those of
+    `plan_household_profiled`.
     """
     on_meta = any(p.is_meta for p in model.parameters())
     inputs = _profiling_inputs(example_inputs, batch_size, device="meta" if on_meta else "cpu")
@@ -184,7 +188,13 @@ def household_profile(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        profile = profile_model(real_model, _profiling_inputs(example_inputs, batch_size, device="cpu"), cuts, cache_path=cache_path)
+        profile = profile_model(
+            real_model,
+            _profiling_inputs(example_inputs, batch_size, device="cpu"),
+            cuts,
+            cache_path=cache_path,
+            measure_overhead=True,
+        )
     finally:
         torch.set_num_threads(previous_threads)
     _PROFILES[signature] = profile

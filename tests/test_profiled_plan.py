@@ -8,13 +8,16 @@ import logging
 import pytest
 import torch
 
+import homesplit.planner.overhead as overhead_module
 from homesplit.household_plan import DeviceInfo, plan_household
 from homesplit.models import mlp
 from homesplit.partition import candidate_cuts
 from homesplit.profiled_plan import household_profile, plan_household_profiled
 
 GIB = 1 << 30
-BATCH = 16
+# Smaller micro-batches pay every operator's fixed cost more often. At 16 samples or
+# more the time per sample stays near the full batch's, so splitting this MLP pays.
+BATCH = 256
 # Speeds are relative to the machine running the tests. Devices 100 times slower make
 # compute, not the default link's 2 ms latency, the bottleneck for this small MLP.
 SLOW = 0.01
@@ -28,9 +31,16 @@ def _meta_model() -> tuple[torch.nn.Module, tuple]:
 
 @pytest.fixture(scope="module")
 def reference_flops() -> float:
-    """The server's own matrix-multiply FLOP/s, stored with the profile; a device of speed s reports s times it."""
+    """The server's own matrix-multiply FLOP/s, stored with the profile; a device of speed s reports s times it.
+
+    The profile kept for this batch size has no stage runtime cost, so that
+    the tests using it compare device speeds alone: at speed 0.01 the
+    runtime's cost per micro-batch would outweigh this MLP's compute.
+    """
     model, inputs = _meta_model()
-    return household_profile(model, inputs, batch_size=BATCH, model_fn=build_model).reference_flops_per_second
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(overhead_module, "measure_stage_overhead", lambda **options: 0.0)
+        return household_profile(model, inputs, batch_size=BATCH, model_fn=build_model).reference_flops_per_second
 
 
 def _device(name: str, node_id: int, *, speed: float | None, reference: float, owner: bool = False, watts=None) -> DeviceInfo:
@@ -177,6 +187,34 @@ def test_household_profile_measured_once(reference_flops):
 
     assert second is first
     assert calls == []  # the module fixture profiled this model and batch already
+
+
+def test_household_profile_measures_stage_overhead():
+    model, inputs = _meta_model()
+    # A batch size no other test uses gives a new signature, measured with real stage processes.
+    profile = household_profile(model, inputs, batch_size=BATCH + 5, model_fn=build_model)
+
+    assert profile.stage_overhead_seconds is not None
+    assert profile.stage_overhead_seconds >= 0.0
+
+
+def test_stage_overhead_measured_once_per_signature(monkeypatch):
+    calls = []
+
+    def counting_overhead(**options):
+        calls.append(options)
+        return 2e-3
+
+    monkeypatch.setattr(overhead_module, "measure_stage_overhead", counting_overhead)
+    model, inputs = _meta_model()
+    # A batch size no other test uses gives a new signature.
+    first = household_profile(model, inputs, batch_size=BATCH + 3, model_fn=build_model)
+    second = household_profile(model, inputs, batch_size=BATCH + 3, model_fn=build_model)
+
+    assert len(calls) == 1
+    assert calls[0]["threads"] == 1
+    assert first.stage_overhead_seconds == 2e-3
+    assert second is first
 
 
 def test_household_profile_rejects_meta_without_factory():
