@@ -9,12 +9,15 @@ with one torch thread. The benchmark then
 1. puts every device in its own network namespace, joins each pair with a
    veth pair shaped by ``tc tbf`` to 200 Mbit/s (see shaped_links.py), and
    measures every pair with `homesplit.planner.linkprobe`;
-2. profiles the model in this process with one torch thread, as the stage
-   processes run, and measures the stage runtime's cost per micro-batch
-   (`measure_stage_overhead`, a real two-stage pipeline of a trivial model);
-3. calibrates: one stage process runs the whole model with 8 micro-batches,
-   and every unit's time is scaled so that the cost model, runtime overhead
-   included, predicts that run;
+2. profiles the model with one torch thread, as the stage processes run, at
+   every micro-batch size the planner may choose, in a child process with the
+   stage processes' mmap threshold (`profile_model`), and measures the stage
+   runtime's cost per micro-batch (`measure_stage_overhead`, a real two-stage
+   pipeline of a trivial model);
+3. calibrates: one stage process runs the whole model with each candidate
+   micro-batch count (4 and 8), and every unit's time at that micro-batch
+   size is scaled so that the cost model, runtime overhead included,
+   predicts that run;
 4. plans the household with `plan_household` (stage 0 pinned to a fast device,
    which holds the data);
 5. runs the planned pipeline and an even split, one process per stage with
@@ -74,7 +77,8 @@ CPU_SHARES = 65536
 CGROUP_CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 RUN_DEADLINE_SECONDS = 300.0
 WARMUP_STEPS = 2
-CALIBRATION_MICROBATCHES = 8
+# Micro-batch counts the planner may choose; the calibration runs each of them.
+MICROBATCH_CANDIDATES = (4, 8)
 # Every device the benchmark's households use: 2 stages use fast0 and slow.
 DEVICES = ("fast0", "fast1", "slow")
 
@@ -262,6 +266,13 @@ def run_pipeline(
     }
 
 
+def _calibrated(layer, factors: dict[int, float]):
+    """Return `layer` with only the calibrated micro-batch sizes, each time scaled by its factor."""
+    by_size = {size: layer.seconds_per_sample_at(size) * factor for size, factor in factors.items()}
+    largest = max(by_size)
+    return dataclasses.replace(layer, seconds_per_sample=by_size[largest], seconds_per_sample_by_microbatch=by_size)
+
+
 def _bounds_of(plan, layers: list) -> list[int]:
     """Return the unit bounds of `plan`'s stages, for the cost model."""
     names = [layer.name for layer in layers]
@@ -286,33 +297,49 @@ def bench_model(
     overhead = profile.stage_overhead_seconds
     batch_size = spec["batch_size"]
 
-    # Calibration: one stage process runs the whole model. The cost model
-    # predicts that run as batch * sum(t) * factor + M * overhead, so the
-    # factor that makes it exact scales every unit. It brings the per-unit
-    # profile, timed in this process, to what a stage process measures under
-    # the machine's current load.
-    single = run_pipeline(
-        spec, cuts=[], devices=["fast0"], num_microbatches=CALIBRATION_MICROBATCHES, steps=steps, slow=slow,
-        workdir=workdir / f"{name}-{num_stages}-calibration", network=network,
-    )  # fmt: skip
-    raw_seconds = sum(layer.seconds_per_sample for layer in profile.layers) * batch_size
-    count = math.ceil(batch_size / math.ceil(batch_size / CALIBRATION_MICROBATCHES))
-    factor = (single["step_seconds_median"] - count * overhead) / raw_seconds
-    if factor <= 0:
-        raise RuntimeError(
-            f"calibration failed for {name}: the one-stage step of {single['step_seconds_median']:.4g} s is "
-            f"shorter than {count} micro-batches of stage overhead ({overhead:.4g} s each); rerun on a quieter machine"
-        )
-    layers = [dataclasses.replace(layer, seconds_per_sample=layer.seconds_per_sample * factor) for layer in profile.layers]
-    # The calibration as it was before the overhead term: all of the run goes into the units.
-    old_factor = single["step_seconds_median"] / raw_seconds
-    old_layers = [dataclasses.replace(layer, seconds_per_sample=layer.seconds_per_sample * old_factor) for layer in profile.layers]
+    # Calibration: one stage process runs the whole model with each candidate
+    # micro-batch count M. The cost model predicts that run as
+    # batch * sum(t(b)) * factor(b) + M * overhead, with t(b) the profile's
+    # time per sample at the run's micro-batch size b. So factor(b) makes it
+    # exact, and it scales every unit's time at that size. It brings the profile
+    # to what a stage process measures under the machine's current load, at
+    # the sizes the planner compares; a single factor would carry one size's
+    # error over to the other.
+    calibration = {}
+    for count in MICROBATCH_CANDIDATES:
+        single = run_pipeline(
+            spec, cuts=[], devices=["fast0"], num_microbatches=count, steps=steps, slow=slow,
+            workdir=workdir / f"{name}-{num_stages}-calibration-{count}", network=network,
+        )  # fmt: skip
+        size = math.ceil(batch_size / count)
+        raw = sum(layer.seconds_per_sample_at(size) for layer in profile.layers) * batch_size
+        runs = math.ceil(batch_size / size)
+        factor = (single["step_seconds_median"] - runs * overhead) / raw
+        if factor <= 0:
+            raise RuntimeError(
+                f"calibration failed for {name}: the one-stage step of {single['step_seconds_median']:.4g} s at "
+                f"{count} micro-batches is shorter than {runs} micro-batches of stage overhead ({overhead:.4g} s "
+                f"each); rerun on a quieter machine"
+            )
+        calibration[size] = {
+            "num_microbatches": count,
+            "step_seconds": single["step_seconds_median"],
+            "profile_step_seconds": raw,
+            "factor": factor,
+            # The calibration as it was before the overhead term: all of the run goes into the units.
+            "factor_without_overhead": single["step_seconds_median"] / raw,
+        }
+    layers = [_calibrated(layer, {size: c["factor"] for size, c in calibration.items()}) for layer in profile.layers]
+    old_layers = [
+        _calibrated(layer, {size: c["factor_without_overhead"] for size, c in calibration.items()})
+        for layer in profile.layers
+    ]
 
     fast = [f"fast{k}" for k in range(num_stages - 1)]
     devices = [DeviceProfile(name=f, speed=1.0, memory_bytes=1 << 34) for f in fast]
     devices.append(DeviceProfile(name="slow", speed=SLOW_SPEED, memory_bytes=1 << 34))
     plan = plan_household(
-        layers, devices, links, batch_size=batch_size, microbatch_candidates=(4, 8), data_owner="fast0",
+        layers, devices, links, batch_size=batch_size, microbatch_candidates=MICROBATCH_CANDIDATES, data_owner="fast0",
         stage_overhead_seconds=overhead,
     )  # fmt: skip
 
@@ -336,7 +363,8 @@ def bench_model(
         slow=slow, workdir=workdir / f"{name}-{num_stages}-even", network=network,
     )  # fmt: skip
     old_plan = plan_household(
-        old_layers, devices, links, batch_size=batch_size, microbatch_candidates=(4, 8), data_owner="fast0"
+        old_layers, devices, links, batch_size=batch_size, microbatch_candidates=MICROBATCH_CANDIDATES,
+        data_owner="fast0"
     )
     planned["predicted_step_seconds"] = plan.step_seconds
     planned["prediction_error"] = plan.step_seconds / planned["step_seconds_median"] - 1
@@ -365,10 +393,11 @@ def bench_model(
         "devices": {d.name: d.speed for d in devices},
         "batch_size": batch_size,
         "stage_overhead_seconds": overhead,
-        "profile_step_seconds": raw_seconds,
-        "calibration_step_seconds": single["step_seconds_median"],
-        "calibration_factor": factor,
-        "calibration_factor_without_overhead": old_factor,
+        "profile_seconds_per_sample_by_microbatch": {
+            size: sum(layer.seconds_per_sample_at(size) for layer in profile.layers)
+            for size in sorted(profile.layers[0].seconds_per_sample_by_microbatch)
+        },
+        "calibration": calibration,
         "planned": planned,
         "even": even,
         "speedup_planned_over_even": even["step_seconds_median"] / planned["step_seconds_median"],
