@@ -5,7 +5,7 @@ tensor (`homesplit.allocator`), so every larger tensor is mapped fresh and
 page-faulted in on first use, and unmapped when freed. A process with glibc's
 default threshold keeps such tensors on its heap after the first few. The
 planner benchmark's transformer (width 64, 4 blocks, 32 tokens) shows the
-cost on a 2-core Xeon container at one torch thread. A forward plus backward
+cost on a 2-core AMD EPYC container at one torch thread. A forward plus backward
 pass took 1.4 ms of CPU per sample at micro-batches of 16 with the threshold
 set, and 0.84 ms without it. At 4 samples, when few tensors reach 128 KiB,
 both took 1.4 ms. `time_units` therefore runs the timed passes in a child
