@@ -42,7 +42,7 @@ import torch
 import yaml
 
 from homesplit.errors import ConfigError
-from homesplit.job import load_callable
+from homesplit.job import check_optimizer, load_callable
 from homesplit.partition import candidate_cuts
 from homesplit.pki import validate_name
 from homesplit.planner.plan import OBJECTIVES
@@ -228,9 +228,7 @@ def _check_numbers(config: dict[str, Any]) -> None:
     _require(training["max-stages"], int, "training.max-stages", "0 (one stage per device) or a positive integer")
     if training["schedule"] not in SCHEDULES:
         raise ConfigError(f"training.schedule={training['schedule']!r} is invalid; allowed: {', '.join(SCHEDULES)}")
-    optimizer = training["optimizer"]
-    if not isinstance(optimizer, dict) or "name" not in optimizer:
-        raise ConfigError(f"training.optimizer={_short(optimizer)} is invalid; allowed: a mapping such as {{name: SGD, lr: 0.05}}")
+    check_optimizer(training["optimizer"], where="training.optimizer")
     if config["data"]["partitioner"] not in _PARTITIONERS:
         raise ConfigError(f"data.partitioner={config['data']['partitioner']!r} is invalid; allowed: {', '.join(_PARTITIONERS)}")
     fraction = config["evaluation"]["fraction-federated"]

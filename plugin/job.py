@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
+import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +25,17 @@ from homesplit.errors import ConfigError
 from homesplit.partition import SplitModel, split_model
 from homesplit.schedule import SCHEDULES
 
-__all__ = ["PipelineJob", "load_callable", "build_optimizer", "build_loss", "build_split", "DTYPES"]
+__all__ = [
+    "PipelineJob",
+    "load_callable",
+    "build_optimizer",
+    "check_optimizer",
+    "optimizer_class",
+    "OPTIMIZERS",
+    "build_loss",
+    "build_split",
+    "DTYPES",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
 
@@ -209,25 +222,103 @@ def build_split(job: PipelineJob, *, device: str | torch.device = "meta") -> Spl
     return split_model(model, job.cuts, example_inputs=job.example_inputs(device=device))
 
 
+# torch.optim classes that a pipeline stage cannot use, with the reason.
+# Stages call ``step()`` without a closure on dense gradients of every shape.
+_UNUSABLE_OPTIMIZERS = {
+    "Optimizer": "it is the base class of torch optimizers",
+    "LBFGS": "its step() needs a closure, which pipeline stages do not pass",
+    "SparseAdam": "it needs sparse gradients, and pipeline stages compute dense ones",
+    "Muon": "it supports 2-D parameters only, and segments have biases and other shapes",
+}
+
+OPTIMIZERS: tuple[str, ...] = tuple(
+    sorted(
+        name
+        for name in dir(torch.optim)
+        if isinstance(getattr(torch.optim, name), type)
+        and issubclass(getattr(torch.optim, name), torch.optim.Optimizer)
+        and name not in _UNUSABLE_OPTIMIZERS
+    )
+)
+"""Names of the torch.optim classes that an optimizer spec may name (case-insensitive)."""
+
+
+def optimizer_class(name: Any, *, where: str = "optimizer") -> type[torch.optim.Optimizer]:
+    """Return the torch.optim class that `name` names, matched case-insensitively.
+
+    Raises
+    ------
+    ConfigError
+        If `name` names no torch.optim optimizer or one that pipeline stages
+        cannot use; the message names ``{where}.name`` and lists `OPTIMIZERS`.
+    """
+    allowed = ", ".join(OPTIMIZERS)
+    unusable = {key.lower(): reason for key, reason in _UNUSABLE_OPTIMIZERS.items()}
+    if isinstance(name, str) and name.lower() in unusable:
+        reason = unusable[name.lower()]
+        raise ConfigError(f"{where}.name={name!r} is invalid, because {reason}; allowed: {allowed}")
+    by_lower = {known.lower(): known for known in OPTIMIZERS}
+    if not isinstance(name, str) or name.lower() not in by_lower:
+        raise ConfigError(f"{where}.name={name!r} is not a torch.optim optimizer; allowed: {allowed}")
+    return getattr(torch.optim, by_lower[name.lower()])
+
+
+def check_optimizer(spec: Any, *, where: str = "optimizer") -> None:
+    """Check an optimizer spec by building it for one dummy parameter.
+
+    This catches an unknown name, an unknown keyword and a value that the
+    optimizer rejects (a negative learning rate, Nesterov without momentum)
+    without building the model, so a caller can run it before any stage
+    process starts.
+
+    Parameters
+    ----------
+    spec : dict
+        ``{"name": <torch.optim class name>, **keyword arguments}``.
+    where : str, default "optimizer"
+        Key of the spec in the caller's configuration, used in messages.
+
+    Raises
+    ------
+    ConfigError
+        If `spec` is not such a mapping, names no usable optimizer, has an
+        ``lr`` that is not a positive number, or the optimizer rejects it.
+    """
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"{where}={reprlib.repr(spec)} is invalid; allowed: a mapping such as {{name: SGD, lr: 0.05}}")
+    cls = optimizer_class(spec["name"], where=where)
+    options = {key: value for key, value in spec.items() if key != "name"}
+    if "lr" in options:
+        lr = options["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"{where}.lr={lr!r} is invalid; allowed: a positive, finite number")
+    try:
+        cls([nn.Parameter(torch.zeros(1))], **options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}={reprlib.repr(spec)} is invalid: {_optimizer_problem(cls, exc)}") from exc
+
+
 def build_optimizer(spec: dict[str, Any], parameters) -> torch.optim.Optimizer:
     """Build a torch optimizer from ``{"name": "Adam", "lr": 1e-3, ...}``.
 
     Raises
     ------
     ConfigError
-        If the name is not a torch.optim optimizer or a keyword is invalid.
+        If the name is not in `OPTIMIZERS`, a keyword is unknown or the
+        optimizer rejects a value.
     """
     options = dict(spec)
-    name = options.pop("name", None)
-    by_lower = {n.lower(): n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)}
-    cls_name = by_lower.get(str(name).lower())
-    cls = getattr(torch.optim, cls_name) if cls_name else None
-    if cls is None or not issubclass(cls, torch.optim.Optimizer):
-        raise ConfigError(f"optimizer name {name!r} is not a torch.optim optimizer; use e.g. 'SGD' or 'Adam'")
+    cls = optimizer_class(options.pop("name", None))
     try:
         return cls(parameters, **options)
-    except TypeError as exc:
-        raise ConfigError(f"invalid options {options} for optimizer {cls_name}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid options {options} for optimizer {cls.__name__}: {_optimizer_problem(cls, exc)}") from exc
+
+
+def _optimizer_problem(cls: type[torch.optim.Optimizer], exc: Exception) -> str:
+    """Describe why `cls` rejected its options, with the keywords it accepts."""
+    keywords = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "params")]
+    return f"{exc}; {cls.__name__} accepts {', '.join(keywords)}"
 
 
 def build_loss(reference: str) -> Callable[[Any, Any], torch.Tensor]:

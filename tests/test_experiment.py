@@ -65,6 +65,37 @@ def test_invalid_experiment_rejected(tmp_path, change, expected):
     assert expected in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [
+        ("{name: Adamm, lr: 0.01}", "training.optimizer.name='Adamm' is not a torch.optim optimizer; allowed: ASGD,"),
+        ("{name: LBFGS, lr: 0.01}", "training.optimizer.name='LBFGS' is invalid, because its step() needs a closure"),
+        ("{name: SGD, lr: 0.1, momentun: 0.9}", "unexpected keyword argument 'momentun'; SGD accepts lr, momentum"),
+        ("{name: SGD, lr: -0.1}", "training.optimizer.lr=-0.1 is invalid; allowed: a positive, finite number"),
+        ("{name: SGD, lr: '0.1'}", "training.optimizer.lr='0.1' is invalid"),
+        ("{name: SGD, lr: 0.1, nesterov: true}", "Nesterov momentum requires a momentum"),
+        ("{lr: 0.1}", "training.optimizer={'lr': 0.1} is invalid; allowed: a mapping such as {name: SGD"),
+    ],
+)
+def test_invalid_optimizer_rejected(tmp_path, optimizer, expected):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, VALID + f"training: {{optimizer: {optimizer}}}\n")
+    assert expected in str(info.value)
+
+
+def test_unknown_optimizer_lists_every_allowed_name(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, VALID + "training: {optimizer: {name: Adamm, lr: 0.01}}\n")
+    for name in ("Adam", "AdamW", "SGD", "RMSprop"):
+        assert name in str(info.value)
+    assert "LBFGS" not in str(info.value)
+
+
+def test_optimizer_name_ignores_case(tmp_path):
+    experiment = _load(tmp_path, VALID + "training: {optimizer: {name: adamw, lr: 0.001, weight_decay: 0.01}}\n")
+    assert experiment.config["training"]["optimizer"]["name"] == "adamw"
+
+
 def test_missing_experiment_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_experiment(tmp_path / "nope.yaml")
