@@ -1,8 +1,9 @@
 """``homesplit plan``: profile a model on this machine and plan it onto a household's devices.
 
-The model is built from a ``module:factory`` reference, profiled unit by unit
-on this machine (the reference device, with speed 1.0), and planned onto the
-devices of a devices.yaml file. The plan is printed as a table, or as JSON
+The model is built from a ``module:factory`` reference, imported with
+``--app-dir`` (default: the current folder) first on sys.path. It is profiled
+unit by unit on this machine (the reference device, with speed 1.0) and
+planned onto the devices of a devices.yaml file. The plan is printed as a table, or as JSON
 with ``--json``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", required=True, metavar="MODULE:FACTORY", help="function that builds the model, e.g. homesplit.models:groupnorm_cnn")
+    parser.add_argument(
+        "--app-dir", type=Path, default=Path("."), metavar="DIR",
+        help="folder put first on the Python path before MODULE is imported, such as a Flower app's root folder "
+        "(default: the current folder)",
+    )  # fmt: skip
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the factory as a JSON object (default: {})")
     parser.add_argument("--devices", required=True, type=Path, metavar="YAML", help="devices.yaml with each device's speed, memory, power and links")
     parser.add_argument("--objective", default="time", choices=OBJECTIVES, help="minimise step time or energy per sample (default: time)")
@@ -103,10 +110,9 @@ def _profile(args: argparse.Namespace, model_kwargs: dict[str, Any]):
     # torch is imported here so that `homesplit --help` stays fast.
     import torch
 
-    from homesplit.job import load_callable
     from homesplit.planner.profile import profile_model
 
-    factory = load_callable(args.model)
+    factory = _load_factory(args.model, args.app_dir)
     try:
         model = factory(**model_kwargs)
     except TypeError as error:
@@ -129,6 +135,33 @@ def _profile(args: argparse.Namespace, model_kwargs: dict[str, Any]):
         return profile_model(model, (example,), cache_path=args.cache, measure_overhead=args.measure_overhead)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _load_factory(reference: str, app_dir: Path):
+    """Import MODULE:FACTORY with `app_dir` first on sys.path, as ``homesplit run`` does with the app folder.
+
+    A console script, unlike ``python -m``, does not put the current folder
+    on sys.path, so without this an app's own modules are not found.
+    """
+    from homesplit.job import load_callable
+
+    folder = app_dir.resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"--app-dir {str(app_dir)!r} is not a folder; pass the folder that contains the model's module")
+    sys.path.insert(0, str(folder))
+    try:
+        return load_callable(reference)
+    except ConfigError as exc:
+        missing = exc.__cause__
+        if isinstance(missing, ModuleNotFoundError) and missing.name == reference.partition(":")[0].split(".")[0]:
+            raise ConfigError(
+                f"{exc}. homesplit plan looks for module {missing.name!r} in --app-dir {folder} and on the Python path; "
+                f"run it from the folder that contains {missing.name}/ or {missing.name}.py, or pass that folder as "
+                "--app-dir, e.g. --app-dir examples/household-digits"
+            ) from exc
+        raise
+    finally:
+        sys.path.remove(str(folder))
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,56 @@ def test_plan_transformer_with_tokens(tmp_path, capsys):
     plan = Plan.from_dict(json.loads(out))
     assert code == 0
     assert plan.stages[0].device == "pi"
+
+
+def _app_with_model(folder: Path, module: str) -> Path:
+    """Write a folder with `module`.py whose build() returns a two-layer MLP, like a Flower app's task module."""
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(
+        "from torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))\n"
+    )
+    return folder
+
+
+def test_plan_imports_model_from_current_folder(tmp_path, capsys, monkeypatch):
+    app = _app_with_model(tmp_path / "app", "plan_app_cwd_task")
+    devices = _devices(tmp_path)
+    monkeypatch.chdir(app)
+    path_before = list(sys.path)
+
+    code, out, err = _run(capsys, "--model", "plan_app_cwd_task:build", "--example-shape", "4", "--devices", str(devices), "--json")
+
+    assert code == 0, err
+    assert Plan.from_dict(json.loads(out)).batch_size == 32
+    assert sys.path == path_before
+
+
+def test_plan_imports_model_from_app_dir(tmp_path, capsys):
+    app = _app_with_model(tmp_path / "app", "plan_app_dir_task")
+    argv = ["--app-dir", str(app), "--model", "plan_app_dir_task:build", "--example-shape", "4"]
+
+    code, out, err = _run(capsys, *argv, "--devices", str(_devices(tmp_path)), "--json")
+
+    assert code == 0, err
+    assert Plan.from_dict(json.loads(out)).batch_size == 32
+
+
+def test_plan_missing_module_says_how_to_fix(tmp_path, capsys):
+    app = _app_with_model(tmp_path / "app", "plan_app_other_task")
+    argv = ["--app-dir", str(app), "--model", "plan_app_missing.task:build", "--example-shape", "4"]
+
+    code, _, err = _run(capsys, *argv, "--devices", str(_devices(tmp_path)))
+
+    assert code == 2
+    assert "No module named 'plan_app_missing'" in err
+    assert f"in --app-dir {app}" in err
+    assert "pass that folder as --app-dir" in err
+
+
+def test_plan_rejects_missing_app_dir(tmp_path, capsys):
+    argv = ["--app-dir", str(tmp_path / "absent"), *CNN]
+
+    code, _, err = _run(capsys, *argv, "--devices", str(_devices(tmp_path)))
+
+    assert code == 2
+    assert f"--app-dir '{tmp_path / 'absent'}' is not a folder" in err
