@@ -152,7 +152,10 @@ def device_app(
         try:
             device = read_device_config(context.node_config, context.run_config, context.run_id)
             torch.set_num_threads(device.threads)
-            pin_mmap_threshold()
+            if device.return_freed_memory:
+                # Memory-tight devices trade page faults for a peak RSS that
+                # follows the live tensors, as the planner's memory model does.
+                pin_mmap_threshold()
             config = msg.content.config_records[CONFIG]
             plan = HouseholdPlan.from_json(str(config[PLAN]))
             stage = int(config["stage"])

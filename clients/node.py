@@ -28,6 +28,10 @@ Node config keys, set with ``flower-supernode --node-config '...'``:
     torch intra-op threads of the stage.
 ``idle-watts``, ``busy-watts`` (float, optional)
     Power draw of the device while waiting and while computing, in watts.
+``return-freed-memory`` (bool, default false)
+    Give freed tensor memory back to the system at once, so the stage's peak
+    RSS follows its live tensors as the planner's memory model assumes. Set it
+    on devices with little memory; it costs page faults on large tensors.
     Give both or neither; the energy objective of the planner needs them.
 
 In Flower's simulation engine the node config only has ``partition-id`` and
@@ -56,6 +60,7 @@ __all__ = ["DeviceConfig", "read_device_config"]
 _KNOWN_KEYS = {
     "household", "device", "listen", "advertise", "bundle", "insecure-links", "holds-data",
     "partition-id", "num-partitions", "rendezvous-dir", "threads", "idle-watts", "busy-watts",
+    "return-freed-memory",
 }  # fmt: skip
 
 
@@ -85,6 +90,7 @@ class DeviceConfig:
     run_config: Mapping[str, Any]
     idle_watts: float | None = None
     busy_watts: float | None = None
+    return_freed_memory: bool = False
 
 
 def _flag(value: Any, key: str) -> bool:
@@ -140,6 +146,7 @@ def read_device_config(node_config: Mapping[str, Any], run_config: Mapping[str, 
         run_config=dict(run_config),
         idle_watts=idle_watts,
         busy_watts=busy_watts,
+        return_freed_memory=_flag(node_config.get("return-freed-memory", False), "return-freed-memory"),
     )
 
 

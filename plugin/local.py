@@ -144,6 +144,10 @@ def run_local_pipelines(
         with a free port and hand it over by file descriptor. Give addresses
         when the stages run in other network namespaces, because a socket
         stays in the namespace of the process that created it.
+    return_freed_memory : bool, default False
+        Run the stages with `homesplit.allocator.pin_mmap_threshold`, so that
+        their peak RSS follows their live tensors (the planner's memory
+        model) at the cost of page faults on every large allocation.
 
     Raises
     ------
@@ -174,6 +178,7 @@ def _launch(
     started: Any = None,
     stage_prefixes: Sequence[Sequence[str]] | None = None,
     listen_addresses: Sequence[str] | None = None,
+    return_freed_memory: bool = False,
 ) -> list[LocalRun]:
     work.mkdir(parents=True, exist_ok=True)
     num_stages = jobs[0].num_stages
@@ -223,6 +228,8 @@ def _launch(
                 command += ["--next", addresses[stage]]
             if transport == "tls":
                 command += ["--bundle", str(bundles[stage])]
+            if return_freed_memory:
+                command.append("--return-freed-memory")
             with open(work / f"stage{stage}.log", "wb") as log:
                 processes.append(
                     subprocess.Popen(

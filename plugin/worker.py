@@ -156,6 +156,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recv-timeout", type=float, default=300.0, help="seconds to wait for one frame")
     parser.add_argument("--peer-silence", type=float, default=15.0, help="seconds of silence before a peer counts as gone")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="give freed tensor memory back to the system at once, so peak RSS follows the live tensors; "
+        "costs page faults on every allocation above 128 KiB",
+    )
     return parser.parse_args(argv)
 
 
@@ -202,8 +208,9 @@ def _peak_rss_bytes() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one stage as a process for one job or a list of jobs; return the exit code."""
     args = _parse_args(argv)
-    # Before any tensor exists, so that freed tensors never linger on the heap.
-    pin_mmap_threshold()
+    if args.return_freed_memory:
+        # Before any tensor exists, so that freed tensors never linger on the heap.
+        pin_mmap_threshold()
     logging.basicConfig(
         level=os.environ.get("HOMESPLIT_LOG_LEVEL", "INFO"),
         format=f"%(levelname)s stage{args.stage} %(name)s: %(message)s",

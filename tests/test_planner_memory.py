@@ -13,8 +13,10 @@ test's MLP: the stage held its initial weights twice (the loaded file and the
 parameters), glibc kept freed tensors on the heap once its dynamic mmap
 threshold had grown (`homesplit.allocator`), and gradient accumulation and
 Adam's step made temporaries of up to two parameters that the memory model
-did not count. The stage now loads weights in place, stage processes pin the
-mmap threshold, and the memory model counts the temporaries.
+did not count. The stage now loads weights in place, the stages here run
+with ``return_freed_memory`` (the node config key ``return-freed-memory`` on
+a device), which pins the mmap threshold, and the memory model counts the
+temporaries.
 
 Peak RSS is read here from ``VmHWM`` in ``/proc/PID/status`` of each stage
 process while it runs.
@@ -80,7 +82,7 @@ class _PeakRss:
 def _run(job: PipelineJob, state, workdir) -> tuple:
     """Run `job` with one process per stage; return the run and each stage's peak RSS in bytes."""
     watcher = _PeakRss()
-    run = run_local_pipeline(job, state, workdir=workdir, deadline=300, started=watcher.started)
+    run = run_local_pipeline(job, state, workdir=workdir, deadline=300, started=watcher.started, return_freed_memory=True)
     return run, watcher.join()
 
 

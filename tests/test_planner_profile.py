@@ -156,22 +156,6 @@ def test_explicit_microbatch_sizes_keep_full_batch():
     assert sorted(profile.layers[0].seconds_per_sample_by_microbatch) == [3, 16]
 
 
-def test_unpicklable_model_timed_in_process(caplog):
-    class Local(nn.Module):  # a class inside a function cannot be pickled
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.body(x)
-
-    with caplog.at_level("WARNING", logger="homesplit.planner.unit_timing"):
-        profile = profile_model(Local(), (torch.randn(8, 8),), repeats=REPEATS)
-
-    assert "cannot be pickled" in caplog.text
-    assert all(layer.seconds_per_sample > 0 for layer in profile.layers)
-
-
 def test_microbatch_size_that_raises_is_left_out(caplog):
     # BatchNorm in training mode rejects a batch of one sample.
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))

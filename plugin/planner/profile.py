@@ -8,8 +8,8 @@ backward on the example inputs (or on what the previous unit returned):
   the samples, at every micro-batch size the planner may choose
   (`LayerProfile.seconds_per_sample_by_microbatch`). The time per sample
   changes with the size, by a factor of two between 4 and 64 samples for a
-  small transformer. The passes run in a child process that sets glibc's mmap
-  threshold as stage processes do (`homesplit.planner.unit_timing` says why);
+  small transformer. The passes run in this process, with the allocator that
+  stage processes use by default (`homesplit.planner.unit_timing`);
 - activation bytes kept for backward: the distinct storages that autograd
   saves during the forward pass (through `torch.autograd.graph.saved_tensors_hooks`),
   leaving out the unit's own parameters and buffers;
@@ -73,7 +73,6 @@ def profile_model(
     leaf_modules: Sequence[type] = (),
     measure_overhead: bool = False,
     microbatch_sizes: Sequence[int] | None = None,
-    stage_allocator: bool = True,
 ) -> ModelProfile:
     """Profile every unit between consecutive cuts of `model` on this machine.
 
@@ -108,13 +107,6 @@ def profile_model(
         ``ceil(B / M)`` for every count ``M`` of the planner's
         `DEFAULT_MICROBATCH_CANDIDATES` up to the batch size ``B``, which
         always includes ``B``. Sizes above ``B`` are left out.
-    stage_allocator : bool, default True
-        Time the units in a child process that sets glibc's mmap threshold as
-        stage processes do, so that the times include the page faults the
-        stages pay (`homesplit.planner.unit_timing`). The child gets a pickled
-        copy of the model and the inputs; a model that cannot be pickled is
-        timed in this process instead, with a WARNING. False times in this
-        process.
 
     Returns
     -------
@@ -160,7 +152,6 @@ def profile_model(
         # The full batch ran through every segment above, so its times exist.
         timings = time_units(
             model, example_inputs, cuts, microbatch_sizes=sizes, repeats=repeats, leaf_modules=leaf_modules,
-            stage_allocator=stage_allocator,
         )  # fmt: skip
         for k, segment in enumerate(split.segments):
             is_last = k == len(split.segments) - 1

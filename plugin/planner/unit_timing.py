@@ -1,16 +1,13 @@
-"""Time a model's units at several micro-batch sizes, under the stage processes' allocator.
+"""Time a model's units at several micro-batch sizes.
 
-A stage process sets glibc's mmap threshold at 128 KiB before it creates a
-tensor (`homesplit.allocator`), so every larger tensor is mapped fresh and
-page-faulted in on first use, and unmapped when freed. A process with glibc's
-default threshold keeps such tensors on its heap after the first few. The
-planner benchmark's transformer (width 64, 4 blocks, 32 tokens) shows the
-cost on a 2-core AMD EPYC container at one torch thread. A forward plus backward
-pass took 1.4 ms of CPU per sample at micro-batches of 16 with the threshold
-set, and 0.84 ms without it. At 4 samples, when few tensors reach 128 KiB,
-both took 1.4 ms. `time_units` therefore runs the timed passes in a child
-process (``python -m homesplit.planner.unit_timing``) that sets the
-threshold first, and the parent's allocator stays as it was.
+The times are taken in this process, with glibc's default allocator, as
+stage processes run by default. A stage started with
+``--return-freed-memory`` (node config ``return-freed-memory``) maps every
+tensor of 128 KiB or more fresh and pays its page faults, which these times
+do not include. On the planner benchmark's transformer (width 64, 4 blocks,
+32 tokens, one torch thread, a 2-core AMD EPYC container) that setting made a
+forward plus backward pass take 1.4 ms of CPU per sample at micro-batches of
+16 instead of 0.84 ms, and made no difference at 4 samples.
 
 NOTE: the units timed one by one still miss part of how a stage's time
 changes with the micro-batch size. For that transformer, a one-stage
@@ -23,21 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from homesplit.errors import HomesplitError
 from homesplit.partition import flatten_value, split_model
 
 __all__ = ["time_units", "forward_backward", "restoring_state"]
@@ -53,8 +44,6 @@ def time_units(
     microbatch_sizes: Sequence[int],
     repeats: int,
     leaf_modules: Sequence[type] = (),
-    stage_allocator: bool = True,
-    timeout: float = 900.0,
 ) -> list[dict[int, float]]:
     """Time every unit between consecutive cuts at every micro-batch size.
 
@@ -77,13 +66,6 @@ def time_units(
         size times about as many samples.
     leaf_modules : sequence of type, default ()
         Passed to `split_model`.
-    stage_allocator : bool, default True
-        Run the passes in a child process that sets the stage processes' mmap
-        threshold. The child gets the model and inputs pickled; a model that
-        cannot be pickled is timed in this process, with a WARNING. False
-        times in this process, with its own allocator.
-    timeout : float, default 900.0
-        Seconds the child process may take before it is killed.
 
     Returns
     -------
@@ -94,29 +76,10 @@ def time_units(
         time. The sizes take turns in each of `repeats` rounds. A size
         at which the model raises (BatchNorm in training mode rejects a
         single sample, for example) is left out, with a WARNING.
-
-    Raises
-    ------
-    HomesplitError
-        If the child process fails or times out; the message carries its
-        last error output.
     """
-    arguments = (model, tuple(example_inputs), list(cuts), tuple(leaf_modules), list(microbatch_sizes), repeats)
-    if stage_allocator:
-        try:
-            payload = pickle.dumps((*arguments, torch.get_num_threads()))
-        except (pickle.PicklingError, AttributeError, TypeError) as error:
-            logger.warning(
-                "timing the units of %s in this process with glibc's default mmap threshold, not the stage "
-                "processes' one, because the model cannot be pickled for a child process (%s); times of units "
-                "with tensors of 128 KiB or more may be predicted short",
-                type(model).__name__, error,
-            )  # fmt: skip
-        else:
-            timings = _time_in_child(payload, timeout=timeout)
-            _warn_missing_sizes(model, timings, microbatch_sizes)
-            return timings
-    timings = _time_here(*arguments, torch.get_num_threads())
+    timings = _time_here(
+        model, tuple(example_inputs), list(cuts), tuple(leaf_modules), list(microbatch_sizes), repeats, torch.get_num_threads()
+    )
     _warn_missing_sizes(model, timings, microbatch_sizes)
     return timings
 
@@ -168,24 +131,6 @@ def forward_backward(segment: nn.Module, args: tuple, inputs_need_grad: bool) ->
     for parameter in segment.parameters():
         parameter.grad = None
     return output
-
-
-def _time_in_child(payload: bytes, *, timeout: float) -> list[dict[int, float]]:
-    """Run `_time_here` on the pickled arguments in ``python -m homesplit.planner.unit_timing``."""
-    with tempfile.TemporaryDirectory(prefix="homesplit-unit-timing-") as scratch:
-        request, result = Path(scratch) / "request.pickle", Path(scratch) / "result.pickle"
-        request.write_bytes(payload)
-        command = [sys.executable, "-m", "homesplit.planner.unit_timing", str(request), str(result)]
-        try:
-            finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired as error:
-            raise HomesplitError(
-                f"timing the model's units took more than {timeout} s; profile a smaller batch"
-            ) from error
-        if finished.returncode != 0 or not result.exists():
-            tail = "\n".join(finished.stderr.strip().splitlines()[-5:])
-            raise HomesplitError(f"the unit timing process failed with exit code {finished.returncode}: {tail}")
-        return pickle.loads(result.read_bytes())
 
 
 def _time_here(
@@ -241,19 +186,3 @@ def _unit_inputs(split: Any, example_inputs: tuple, size: int) -> list[tuple]:
             detached = [tensor.detach() for tensor in flatten_value(output)]
             args = pytree.tree_unflatten(detached, split.boundaries[k].args_spec)
     return inputs
-
-
-def _main(argv: list[str]) -> int:
-    """Time the units of a pickled request with the stage processes' mmap threshold; write the result."""
-    # Before any tensor exists, as in the stage processes.
-    from homesplit.allocator import pin_mmap_threshold
-
-    pin_mmap_threshold()
-    request, result = argv
-    timings = _time_here(*pickle.loads(Path(request).read_bytes()))
-    Path(result).write_bytes(pickle.dumps(timings))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
