@@ -5,13 +5,20 @@ a temporary folder, starts `flower-superlink` and one `flower-supernode` per
 device on loopback (`homesplit.federation.LocalFederation`), runs the
 experiment's Flower app and writes results.json, metrics.csv and
 accuracy.png.
+
+A run in which no household trained in any round exits with code 2 and the
+households' failure reasons, after writing the result files. A run in which
+households trained in some rounds but not all succeeds with a WARNING that
+names the rounds, because its model did learn from the rounds that trained.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
+import shutil
 import signal
 import socket
 import tempfile
@@ -19,18 +26,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from homesplit.errors import FederationError
+from homesplit.errors import FederationError, TrainingError
 from homesplit.experiment import Experiment, household_privacy, load_experiment
-from homesplit.federation import LocalFederation, SuperNodeSpec
+from homesplit.federation import WORKDIR_PREFIX, LocalFederation, RunResult, SuperNodeSpec
 from homesplit.pki import Household
 from homesplit.privacy.settings import encode_run_config
-from homesplit.run_report import write_report
+from homesplit.run_report import household_failures, rounds_with_training, write_report
 
 __all__ = ["register", "run_experiment", "supernode_specs", "run_config"]
 
+logger = logging.getLogger(__name__)
+
 # Lines of the streamed run log that the CLI shows: homesplit's round lines,
+# each household's plan (stages, cuts and idle devices, logged by
+# `homesplit.strategies.planning.plan_one` whenever a household is planned),
 # and warnings and errors of homesplit's modules.
-_SHOWN = re.compile(r"homesplit round \d+|(WARNING|ERROR) homesplit\.")
+_SHOWN = re.compile(r"homesplit round \d+|Household \S+: \d+ stages |(WARNING|ERROR) homesplit\.")
+
+# Subfolder of the run folder with each household's CA and device bundles.
+HOUSEHOLDS_FOLDER = "households"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run the SuperLink connections and household links without TLS (debugging only)",
     )
-    parser.add_argument("--keep-files", action="store_true", help="keep the temporary folder with logs and certificates")
+    parser.add_argument(
+        "--keep-files",
+        action="store_true",
+        help="keep the run's temporary folder: Flower logs, TLS certificates, household CAs and device bundles, "
+        "private keys included; its path is printed at the end",
+    )
     parser.set_defaults(handler=_handle)
 
 
@@ -69,15 +88,39 @@ def _handle(args: argparse.Namespace) -> int:
         f"{_count(experiment.config['rounds'], 'round')}, TLS {'off' if args.insecure else 'on'}",
         flush=True,
     )
-    summary = run_experiment(
-        experiment, out=Path(args.out), insecure=args.insecure, keep_files=args.keep_files, echo=_echo
-    )
+    try:
+        summary = run_experiment(
+            experiment, out=Path(args.out), insecure=args.insecure, keep_files=args.keep_files, echo=_echo
+        )
+    except TrainingError as exc:
+        _print_kept_files(exc.summary)
+        raise
+    trained, ran = len(summary["rounds_with_training"]), summary["rounds_run"]
+    partly = "" if trained == ran else f"; households trained in only {trained} of {ran} rounds"
     print(
-        f"homesplit run: finished in {summary['seconds']:.1f} s; final accuracy {summary['final_accuracy']:.4f}; "
-        f"results in {args.out}",
+        f"homesplit run: finished in {summary['seconds']:.1f} s; final accuracy {summary['final_accuracy']:.4f}"
+        f"{partly}; results in {args.out}",
         flush=True,
     )
+    _print_kept_files(summary)
     return 0
+
+
+def _print_kept_files(summary: dict[str, Any]) -> None:
+    """Print what the kept run folder holds, if `--keep-files` kept one."""
+    if not summary.get("files_kept"):
+        return
+    root = Path(summary["files_kept"])
+    parts = []
+    if (root / HOUSEHOLDS_FOLDER).is_dir():
+        parts.append(f"{HOUSEHOLDS_FOLDER}/ (each household's CA and device bundles)")
+    for workdir in sorted(root.glob(f"{WORKDIR_PREFIX}*")):
+        parts.append(f"{workdir.name}/ (Flower logs in logs/, SuperLink certificates, Flower state)")
+    print(
+        f"homesplit run: files kept in {root}: {', '.join(parts) or 'nothing'}; "
+        "they include private keys, so delete the folder when done",
+        flush=True,
+    )
 
 
 def _count(number: int, noun: str) -> str:
@@ -177,49 +220,151 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run `experiment` in a local federation and write the result files into `out`.
 
-    Every process started is stopped before this returns or raises.
+    Every process started is stopped before this returns or raises. The run
+    works in one temporary folder. Its ``households/`` contains each
+    household's CA and device bundles (without `insecure`), and the
+    `LocalFederation` working folder contains the Flower logs, the
+    SuperLink's certificates and Flower's state. With `keep_files` the whole
+    folder stays and the summary names it. Otherwise it is deleted after a
+    clean run. After an error the Flower logs stay and the private keys are
+    deleted.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        A validated experiment.
+    out : Path
+        Folder for results.json, metrics.csv and accuracy.png.
+    insecure : bool, default False
+        Run the SuperLink connections and household links without TLS.
+    keep_files : bool, default False
+        Keep the run's temporary folder, private keys included.
+    echo : callable or None, default None
+        Called with each line of the run's streamed log.
+    federation_options : dict or None, default None
+        Extra keyword arguments of `LocalFederation`.
 
     Returns
     -------
     dict
-        Run summary: seconds, final accuracy, rounds, run status.
+        Run summary as results.json stores it: seconds, accuracies, run
+        status, the rounds that ran and those in which a household trained,
+        each household's failure reasons, and ``files_kept`` (the kept
+        folder or None).
 
     Raises
     ------
     FederationError
         If a component fails; the error names it.
+    TrainingError
+        If the run finished but no household trained in any round. The
+        result files are written first, and the error carries the summary.
     """
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="homesplit-run-") as temporary:
-        root = Path(temporary)
-        bundle_root = None if insecure else root / "households"
-        if bundle_root is not None:
-            enroll_bundles(experiment, bundle_root)
-        result_path = root / "server-results.json"
-        specs = supernode_specs(experiment, bundle_root)
-        options = {"startup_timeout": float(experiment.config["timeouts"]["startup"]), "keep_files": keep_files}
-        options.update(federation_options or {})
-        with LocalFederation(specs, insecure=insecure, **options) as federation:
-            outcome = federation.run(
-                experiment.app_dir,
-                run_config=run_config(experiment, result_path),
-                timeout=float(experiment.config["timeouts"]["run"]),
-                on_log=echo,
-            )
-        if not result_path.is_file():
-            raise FederationError(f"the ServerApp wrote no results to {result_path}", component="flwr-serverapp")
-        server = json.loads(result_path.read_text(encoding="utf-8"))
+    root = Path(tempfile.mkdtemp(prefix="homesplit-run-"))
+    clean = False
+    try:
+        server, outcome = _run_in(root, experiment, insecure, keep_files, echo, federation_options or {})
+        clean = True
+    finally:
+        _clean_up_run_folder(root, keep_files=keep_files, clean=clean)
 
     rounds = server["rounds"]
+    trained = rounds_with_training(rounds)
     summary = {
         "seconds": time.monotonic() - started,
         "run_seconds": outcome.seconds,
         "run_status": outcome.status,
+        "training_status": "trained" if trained else "no household trained",
+        "rounds_run": len(rounds),
+        "rounds_with_training": trained,
+        "household_failures": household_failures(rounds),
         "initial_accuracy": server["initial"]["accuracy"],
         "final_accuracy": rounds[-1]["accuracy"] if rounds else server["initial"]["accuracy"],
         "tls": not insecure,
         "stopped_after_round": server.get("stopped_after_round"),
         "experiment": str(experiment.path),
+        "files_kept": str(root) if keep_files else None,
     }
+    if not trained:
+        summary["error"] = _no_training_message(len(rounds), summary["household_failures"])
     write_report(out, rounds=rounds, config=experiment.config, summary=summary)
+
+    if not trained:
+        raise TrainingError(f"{summary['error']}\nThe result files in {out} record every round.", summary=summary)
+    untrained = [record["round"] for record in rounds if record["round"] not in trained]
+    if untrained:
+        logger.warning(
+            "No household trained in rounds %s of %d; households_failed in %s names the reasons",
+            untrained, len(rounds), out / "results.json",
+        )  # fmt: skip
     return summary
+
+
+def _run_in(
+    root: Path,
+    experiment: Experiment,
+    insecure: bool,
+    keep_files: bool,
+    echo,
+    federation_options: dict[str, Any],
+) -> tuple[dict[str, Any], RunResult]:
+    """Enroll the devices under `root`, run the federation there and return the ServerApp's results and the outcome."""
+    bundle_root = None if insecure else root / HOUSEHOLDS_FOLDER
+    if bundle_root is not None:
+        enroll_bundles(experiment, bundle_root)
+    result_path = root / "server-results.json"
+    specs = supernode_specs(experiment, bundle_root)
+    options = {
+        "startup_timeout": float(experiment.config["timeouts"]["startup"]),
+        "keep_files": keep_files,
+        "root_dir": root,
+    }
+    options.update(federation_options)
+    with LocalFederation(specs, insecure=insecure, **options) as federation:
+        outcome = federation.run(
+            experiment.app_dir,
+            run_config=run_config(experiment, result_path),
+            timeout=float(experiment.config["timeouts"]["run"]),
+            on_log=echo,
+        )
+    if not result_path.is_file():
+        raise FederationError(f"the ServerApp wrote no results to {result_path}", component="flwr-serverapp")
+    return json.loads(result_path.read_text(encoding="utf-8")), outcome
+
+
+def _clean_up_run_folder(root: Path, *, keep_files: bool, clean: bool) -> None:
+    """Delete the run folder, or after an error only the household private keys, unless `keep_files`."""
+    if keep_files:
+        if clean:
+            logger.info("run files kept in %s", root)
+        else:
+            logger.warning("run stopped after an error; files kept in %s, private keys included", root)
+        return
+    if clean:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    # After an error LocalFederation keeps its logs in its own folder under
+    # `root`, without its private key. The household CAs' keys go as well.
+    shutil.rmtree(root / HOUSEHOLDS_FOLDER, ignore_errors=True)
+    if not any(root.iterdir()):
+        root.rmdir()
+
+
+def _no_training_message(num_rounds: int, failures: dict[str, list[str]]) -> str:
+    """Describe a run in which no household trained, with each household's failure reasons."""
+    rounds = "the only round" if num_rounds == 1 else f"any of the {num_rounds} rounds"
+    lines = [
+        f"no household trained in {rounds}, so the model was never updated "
+        "and the final accuracy is that of the initial model."
+    ]
+    if failures:
+        lines.append("Failures by household:")
+        for household, reasons in failures.items():
+            lines += [f"  {household}: {reason}" for reason in reasons]
+    else:
+        lines.append(
+            "No household reported a failure, so none could be planned; the WARNING lines above name "
+            "the households that were skipped."
+        )
+    return "\n".join(lines)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from homesplit.cli_run import run_experiment
-from homesplit.errors import ConfigError
+from homesplit.errors import ConfigError, TrainingError
 from homesplit.experiment import Experiment, load_experiment, with_defaults
 from homesplit.privacy.settings import check_settings
+from homesplit.run_report import rounds_with_training
 
 __all__ = ["register", "parse_epsilons", "sweep_experiment", "run_sweep", "summarize", "write_sweep"]
 
@@ -132,6 +133,9 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 def finished_run(run_dir: Path, variant: Experiment) -> dict[str, Any] | None:
     """Return the results of a finished run of `variant` in `run_dir`, or None if there is none.
 
+    A run in which no household trained counts as not finished, so that
+    ``--resume`` runs it again.
+
     Raises
     ------
     ConfigError
@@ -157,6 +161,10 @@ def finished_run(run_dir: Path, variant: Experiment) -> dict[str, Any] | None:
         )
     if not str(status).startswith("finished:completed"):
         return None
+    # Read from the rounds, so results files written before the summary
+    # recorded a training status are checked as well.
+    if not rounds_with_training(results.get("rounds") or []):
+        return None
     return results
 
 
@@ -177,6 +185,13 @@ def run_sweep(
     `resume`, a run whose folder already holds finished results of the same
     settings is not run again, so an interrupted sweep, or one with more
     seeds, repeats no work. `report` is called with a line for each reused run.
+
+    Raises
+    ------
+    TrainingError
+        If no household trained in some run. The sweep stops there, because
+        that run's accuracy is the initial model's, and the cause usually
+        fails every run. With `resume`, such a run is run again.
     """
     rows = []
     base_seed = int(experiment.config["seed"])
@@ -187,7 +202,16 @@ def run_sweep(
             run_dir = out / f"epsilon-{epsilon:g}" / f"seed-{seed}"
             results = finished_run(run_dir, variant) if resume else None
             if results is None:
-                run_experiment(variant, out=run_dir, insecure=insecure, echo=echo)
+                try:
+                    run_experiment(variant, out=run_dir, insecure=insecure, echo=echo)
+                except TrainingError as exc:
+                    # The causes seen so far (a device that cannot run the model,
+                    # an optimizer that fails) would fail every further run too.
+                    raise TrainingError(
+                        f"sweep stopped at target epsilon {epsilon:g}, seed {seed}: {exc}\n"
+                        f"The runs that trained stay in {out}, and --resume reuses them.",
+                        summary=exc.summary,
+                    ) from exc
                 results = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
             elif report is not None:
                 report(f"reusing the finished run in {run_dir}")

@@ -105,3 +105,23 @@ class FederationError(HomesplitError):
     def __init__(self, message: str, *, component: str) -> None:
         super().__init__(message)
         self.component = component
+
+
+__all__.append("TrainingError")
+
+
+class TrainingError(HomesplitError):
+    """A run finished, but no household trained in any round, so the model never changed.
+
+    Parameters
+    ----------
+    message : str
+        What happened, with each household's failure reasons.
+    summary : dict
+        The run summary that results.json stores, so a caller still has the
+        figures and the paths of the files that were written.
+    """
+
+    def __init__(self, message: str, *, summary: dict) -> None:
+        super().__init__(message)
+        self.summary = summary

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 CONNECTION_NAME = "homesplit-local"
+# Name prefix of the working folder that `LocalFederation.start` creates.
+WORKDIR_PREFIX = "homesplit-federation-"
 
 # Log lines of Flower 1.42 serve as readiness and result signals, because
 # Flower offers no other signal that works without importing Flower.
@@ -308,7 +310,7 @@ class LocalFederation:
         if self.workdir is not None:
             raise RuntimeError("LocalFederation.start was called twice; create a new LocalFederation")
         started = time.monotonic()
-        self.workdir = Path(tempfile.mkdtemp(prefix="homesplit-federation-", dir=self._root_dir))
+        self.workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX, dir=self._root_dir))
         self.log_dir.mkdir()
         self.flwr_home.mkdir()
         self._previous_subreaper = set_child_subreaper(True)

@@ -124,6 +124,20 @@ class HouseholdPlan:
         """Device name per stage."""
         return [s.device for s in self.stages]
 
+    def summary(self) -> dict[str, Any]:
+        """Return the plan without addresses and node ids, as results.json records it.
+
+        Keys: ``stages`` (device per stage, stage 0 first), ``cuts``,
+        ``idle`` (devices without a stage), ``num_microbatches`` and ``schedule``.
+        """
+        return {
+            "stages": self.devices,
+            "cuts": list(self.cuts),
+            "idle": list(self.idle_devices),
+            "num_microbatches": self.num_microbatches,
+            "schedule": self.schedule,
+        }
+
     def to_json(self) -> str:
         """Serialise to JSON, the form that travels in a ConfigRecord."""
         return json.dumps(asdict(self), sort_keys=True)

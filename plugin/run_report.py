@@ -1,4 +1,8 @@
-"""Files that ``homesplit run`` writes: results.json, metrics.csv and accuracy.png."""
+"""Files that ``homesplit run`` writes: results.json, metrics.csv and accuracy.png.
+
+It also reads the outcome of a run from its round records: the rounds in
+which a household trained and each household's failure reasons.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["ROUND_FIELDS", "accuracy_figure", "accuracy_points", "write_report"]
+__all__ = [
+    "ROUND_FIELDS",
+    "accuracy_figure",
+    "accuracy_points",
+    "household_failures",
+    "rounds_with_training",
+    "write_report",
+]
 
 ROUND_FIELDS = (
     "round",
@@ -61,6 +72,47 @@ def write_report(out: Path, *, rounds: list[dict[str, Any]], config: dict[str, A
     figure = accuracy_figure(rounds, initial_accuracy=summary.get("initial_accuracy"))
     figure.savefig(plot, dpi=100)
     return [results, metrics, plot]
+
+
+def rounds_with_training(rounds: list[dict[str, Any]]) -> list[int]:
+    """Return the numbers of the rounds in which at least one household trained."""
+    return [int(record["round"]) for record in rounds if record.get("households_trained")]
+
+
+def household_failures(rounds: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Return each household's distinct failure reasons over all rounds.
+
+    A reason is ``"device D in rounds 1-4: ERROR"`` for a failed stage, or
+    ``"declined round 3"`` for a household that declined a DP round. The
+    same error of the same device in several rounds is one reason, and
+    households are in id order.
+    """
+    # household -> (device or None for a declined round, error) -> rounds
+    seen: dict[str, dict[tuple[str | None, str], list[int]]] = {}
+    for record in rounds:
+        number = int(record["round"])
+        for household, devices in (record.get("households_failed") or {}).items():
+            for device, error in devices.items():
+                seen.setdefault(household, {}).setdefault((device, str(error)), []).append(number)
+        for household in record.get("households_declined") or []:
+            seen.setdefault(household, {}).setdefault((None, ""), []).append(number)
+
+    failures = {}
+    for household, reasons in sorted(seen.items()):
+        failures[household] = [
+            f"declined {_round_list(numbers)}" if device is None else f"device {device} in {_round_list(numbers)}: {error}"
+            for (device, error), numbers in reasons.items()
+        ]
+    return failures
+
+
+def _round_list(numbers: list[int]) -> str:
+    """Return e.g. "round 2", "rounds 1-4" for consecutive rounds, or "rounds 1, 3"."""
+    if len(numbers) == 1:
+        return f"round {numbers[0]}"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"rounds {numbers[0]}-{numbers[-1]}"
+    return "rounds " + ", ".join(str(number) for number in numbers)
 
 
 def accuracy_points(rounds: list[dict[str, Any]], *, initial_accuracy: float | None) -> list[tuple[int, float]]:

@@ -105,8 +105,8 @@ def plan_one(
         schedule=schedule,
     )
     logger.info(
-        "Household %s: %d stages %s, cuts %s, %d examples",
-        household, plan.num_stages, plan.devices, plan.cuts, plan.num_examples,
+        "Household %s: %d stages %s, cuts %s, idle %s, %d examples",
+        household, plan.num_stages, plan.devices, plan.cuts, plan.idle_devices, plan.num_examples,
     )  # fmt: skip
     return plan
 

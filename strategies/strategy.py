@@ -189,6 +189,7 @@ class HomesplitStrategy(Strategy):
         self._discovered_nodes: frozenset[int] | None = None
         self._arrays: ArrayRecord | None = None
         self._plans: dict[str, HouseholdPlan] = {}
+        self._train_plans: dict[str, dict[str, Any]] = {}
         self._outgoing: list[tuple[str, str, Message]] = []
         self._round_started = 0.0
         self._warned_batch_sizes: set[int] = set()
@@ -230,11 +231,13 @@ class HomesplitStrategy(Strategy):
         """Discover devices if the node set changed, plan every household and send each stage its segment."""
         self._round_started = time.monotonic()
         self._arrays = arrays
+        self._train_plans = {}
         if self.fraction_train == 0.0:
             return []
         self._check_batch_size(config)
         self._refresh_devices(grid)
         plans = self._sample_for_training(self._plan_all())
+        self._train_plans = {household: plan.summary() for household, plan in plans.items()}
         return self._messages(plans, arrays, config, "train", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -267,6 +270,7 @@ class HomesplitStrategy(Strategy):
         self.round_records[server_round] = {
             "households_trained": sorted(o.household for o in trained),
             "households_failed": {h: outcomes[h].failures for h in failed},
+            "plans": self._train_plans,
         }
         return self._aggregate_arrays(trained), metrics
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import threading
 import time
@@ -17,7 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from homesplit import cli_run
 from homesplit.cli_run import run_experiment
+from homesplit.errors import TrainingError
 from homesplit.experiment import load_experiment
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "household-digits"
@@ -69,7 +72,11 @@ def test_deployment_tls_two_households_two_rounds(tmp_path):
         assert record["households_failed"] == {}
         assert record["link_bytes"] > 0
         assert record["train_loss"] is not None
+        assert record["plans"]["household-a"]["stages"] == ["laptop", "phone"]
     assert summary["tls"] is True
+    assert summary["training_status"] == "trained"
+    assert summary["rounds_with_training"] == [1, 2]
+    assert summary["files_kept"] is None
     assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.3
     assert results["config"]["households"][0]["id"] == "household-a"
     assert (tmp_path / "out" / "metrics.csv").read_text().startswith("round,households_trained")
@@ -169,3 +176,46 @@ def test_killed_device_drops_only_its_household(tmp_path):
     log = "\n".join(lines)
     assert "household household-b dropped: device phone failed" in log
     assert _own_flower_processes() == []
+
+
+@pytest.mark.slow
+def test_run_without_training_fails_and_keeps_files(tmp_path):
+    experiment = load_experiment(_write_experiment(tmp_path, rounds=1))
+    # The loader rejects this name, so it is set after loading, as a stage
+    # failure that the loader cannot foresee would be.
+    experiment.config["training"]["optimizer"] = {"name": "Adamm", "lr": 0.01}
+    lines: list[str] = []
+
+    with pytest.raises(TrainingError) as info:
+        run_experiment(experiment, out=tmp_path / "out", keep_files=True, echo=lines.append)
+
+    summary = info.value.summary
+    root = Path(summary["files_kept"])
+    try:
+        message = str(info.value)
+        assert message.startswith("no household trained in the only round")
+        assert "  household-a: device laptop in round 1:" in message
+        assert "'Adamm'" in message
+        assert str(tmp_path / "out") in message
+
+        results = json.loads((tmp_path / "out" / "results.json").read_text())
+        assert results["summary"]["training_status"] == "no household trained"
+        assert results["summary"]["rounds_with_training"] == []
+        assert results["summary"]["error"] in message
+        assert set(results["summary"]["household_failures"]) == {"household-a", "household-b"}
+        [record] = results["rounds"]
+        assert record["households_trained"] == []
+        assert record["plans"]["household-a"]["stages"] == ["laptop", "phone"]
+        assert len(record["plans"]["household-b"]["cuts"]) == 1
+        assert (tmp_path / "out" / "metrics.csv").is_file()
+        assert (tmp_path / "out" / "accuracy.png").is_file()
+
+        plan_lines = [line for line in lines if cli_run._SHOWN.search(line) and "stages ['laptop', 'phone']" in line]
+        assert len(plan_lines) == 2, lines
+
+        assert (root / "households" / "household-a" / "bundles" / "laptop").is_dir()
+        [workdir] = root.glob("homesplit-federation-*")
+        assert (workdir / "logs" / "superlink.log").is_file()
+        assert _own_flower_processes() == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

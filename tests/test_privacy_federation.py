@@ -25,6 +25,8 @@ from homesplit.privacy.accounting import compute_epsilon
 APP = Path(__file__).resolve().parents[1] / "examples" / "household-digits"
 SIGMA = 1.0
 BATCH = 128
+# The rounds of a results.json in which the household trained.
+TRAINED_ROUNDS = [{"round": 1, "households_trained": ["household-a"], "households_failed": {}}]
 
 
 def _write_experiment(path: Path, *, rounds: int, privacy: str) -> Path:
@@ -155,8 +157,22 @@ def test_resume_reruns_unfinished_run(tmp_path):
     (run_dir / "results.json").write_text(json.dumps({"config": config, "summary": {"run_status": "finished:failed"}}))
 
     assert finished_run(run_dir, variant) is None
-    (run_dir / "results.json").write_text(json.dumps({"config": config, "summary": {"run_status": "finished:completed"}}))
+    finished = {"config": config, "summary": {"run_status": "finished:completed"}, "rounds": TRAINED_ROUNDS}
+    (run_dir / "results.json").write_text(json.dumps(finished))
     assert finished_run(run_dir, variant)["summary"]["run_status"] == "finished:completed"
+
+
+def test_resume_reruns_run_without_training(tmp_path):
+    experiment = load_experiment(_write_experiment(tmp_path / "experiment.yaml", rounds=1, privacy="{max-grad-norm: 1.0, target-epsilon: 1}"))
+    variant = sweep_experiment(experiment, target_epsilon=2.0, seed=0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = json.loads(json.dumps(variant.config))
+    untrained = [{"round": 1, "households_trained": [], "households_failed": {"household-a": {"laptop": "error"}}}]
+    results = {"config": config, "summary": {"run_status": "finished:completed"}, "rounds": untrained}
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+    assert finished_run(run_dir, variant) is None
 
 
 @pytest.mark.slow
@@ -187,6 +203,7 @@ def test_resume_fills_keys_added_since(tmp_path):
     run_dir.mkdir()
     older = json.loads(json.dumps(variant.config))
     del older["planner"]
-    (run_dir / "results.json").write_text(json.dumps({"config": older, "summary": {"run_status": "finished:completed"}}))
+    results = {"config": older, "summary": {"run_status": "finished:completed"}, "rounds": TRAINED_ROUNDS}
+    (run_dir / "results.json").write_text(json.dumps(results))
 
     assert finished_run(run_dir, variant) is not None

@@ -6,7 +6,13 @@ import csv
 import json
 from pathlib import Path
 
-from homesplit.run_report import accuracy_figure, accuracy_points, write_report
+from homesplit.run_report import (
+    accuracy_figure,
+    accuracy_points,
+    household_failures,
+    rounds_with_training,
+    write_report,
+)
 
 
 def round_record(number: int, accuracy: float) -> dict[str, object]:
@@ -74,3 +80,40 @@ def test_write_report_writes_three_files(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert rows[0]["households_trained"] == "2"
     assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_rounds_with_training_skips_empty_rounds() -> None:
+    failed = {"households_trained": [], "households_failed": {"household-a": {"phone": "no reply"}}}
+    rounds = [round_record(1, 0.5), {**round_record(2, 0.5), **failed}, round_record(3, 0.6)]
+
+    assert rounds_with_training(rounds) == [1, 3]
+    assert rounds_with_training([{**round_record(1, 0.1), **failed}]) == []
+    assert rounds_with_training([]) == []
+
+
+def test_household_failures_merge_repeated_errors() -> None:
+    error = "error code 0: ConfigError: invalid options {'lr': 0.1}"
+    rounds = []
+    for number in (1, 2, 3):
+        record = {**round_record(number, 0.1), "households_trained": []}
+        record["households_failed"] = {"household-b": {"laptop": error}, "household-a": {"phone": f"timeout {number}"}}
+        rounds.append(record)
+    rounds[2]["households_failed"]["household-b"]["phone"] = "no reply before the round's timeout"
+    rounds[1]["households_declined"] = ["household-c"]
+    del rounds[1]["households_failed"]["household-a"]
+
+    failures = household_failures(rounds)
+
+    assert list(failures) == ["household-a", "household-b", "household-c"]
+    assert failures["household-a"] == ["device phone in round 1: timeout 1", "device phone in round 3: timeout 3"]
+    assert failures["household-b"] == [
+        f"device laptop in rounds 1-3: {error}",
+        "device phone in round 3: no reply before the round's timeout",
+    ]
+    assert failures["household-c"] == ["declined round 2"]
+
+
+def test_household_failures_lists_gaps() -> None:
+    rounds = [{"round": n, "households_failed": {"household-a": {"pi": "lost"}}} for n in (1, 2, 4)]
+
+    assert household_failures(rounds) == {"household-a": ["device pi in rounds 1, 2, 4: lost"]}

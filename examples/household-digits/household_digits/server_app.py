@@ -119,6 +119,7 @@ def _write_results(path: str, result, strategy: HomesplitStrategy, rounds: dict[
                 "round": server_round,
                 "households_trained": households.get("households_trained", []),
                 "households_failed": households.get("households_failed", {}),
+                "plans": households.get("plans", {}),
                 "train_loss": train.get("train-loss"),
                 "eval_loss": rounds[server_round]["eval_loss"],
                 "accuracy": rounds[server_round]["accuracy"],
