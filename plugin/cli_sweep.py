@@ -287,6 +287,10 @@ def _plot(path: Path, table: list[dict[str, Any]]) -> None:
             label="DP-SGD",
         )
         axis.set_xscale("log")
+        # Label the budgets themselves: log-scale ticks such as 3x10^0 overlap.
+        targets = [e["target_epsilon"] for e in finite]
+        axis.set_xticks(targets, [f"{target:g}" for target in targets])
+        axis.minorticks_off()
     for entry in table:
         if not math.isfinite(entry["target_epsilon"]):
             mean, std = 100 * entry["accuracy_mean"], 100 * entry["accuracy_std"]
