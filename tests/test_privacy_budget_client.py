@@ -77,6 +77,7 @@ def test_experiment_privacy_per_household(tmp_path):
         ("{target-epsilon: 8, clipping: per_segment, max-grad-norm: [0.5, 0]}", "privacy.max-grad-norm=[0.5, 0] is invalid"),
         ("{target-epsilon: 8, clipping: per_segment, max-grad-norm: []}", "privacy.max-grad-norm=[] is invalid"),
         ("{mode: household, target-epsilon: 8, clipping: per_segment}", "privacy.clipping='per_segment' is invalid in mode household"),
+        ("{mode: household, target-epsilon: 8, sample-rate: 0.5}", "privacy.sample-rate=0.5 is not supported yet"),
         ("[8]", "privacy=[8] is invalid; allowed: a mapping"),
     ],
 )
@@ -257,15 +258,15 @@ def test_dp_example_experiment_is_valid():
 
 
 def test_household_mode_counts_one_step(tmp_path):
-    settings = {"mode": "household", "target-epsilon": 50.0, "noise-multiplier": 1.0, "sample-rate": 0.5}
+    settings = {"mode": "household", "target-epsilon": 50.0, "noise-multiplier": 1.0, "sample-rate": 1.0}
     app, plan = _app(), _plan(["laptop"])
     context = _context("laptop", tmp_path, settings, holds_data=True)
     reply = app(_train_message(plan, 0, 1, _round_privacy(settings)), context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content.metric_records[METRICS]
     assert metrics["privacy-steps"] == 1
-    assert metrics["privacy-sample-rate"] == 0.5
-    assert metrics["privacy-epsilon"] == pytest.approx(compute_epsilon([(1.0, 0.5, 1)], delta=1e-5))
+    assert metrics["privacy-sample-rate"] == 1.0
+    assert metrics["privacy-epsilon"] == pytest.approx(compute_epsilon([(1.0, 1.0, 1)], delta=1e-5))
 
 
 def _train_two_stages(tmp_path: Path, settings: dict, privacy: dict) -> dict[str, Message]:

@@ -188,18 +188,6 @@ def test_strategy_adds_noise_once_per_round():
     assert abs(float(np.corrcoef(noise_one, noise_two)[0, 1])) < 4 / math.sqrt(noise_one.size)
 
 
-def test_strategy_noises_round_without_households():
-    strategy = _strategy({"*": {**CENTRAL, "sample-rate": 0.01}}, noise_seed=0)
-    start = ArrayRecord(build_model().state_dict())
-    # With q = 0.01 for both households, the seeded sampler picks none in round 1.
-    assert poisson_households(central_noise_for({"g": _config(rate=0.01), "h": _config(rate=0.01)}), random.Random(0)) == []
-
-    after = _train_round(strategy, 1, start)
-
-    assert strategy.round_records[1]["households_trained"] == []
-    assert float(_moved(after, start).std()) == pytest.approx(SIGMA * BOUND / 0.02, rel=0.03)
-
-
 def test_strategy_skips_household_without_settings(caplog):
     strategy = _strategy({"g": CENTRAL}, noise_seed=0)
     with caplog.at_level(logging.WARNING, logger="homesplit.strategies.privacy"):
