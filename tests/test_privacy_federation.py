@@ -192,7 +192,9 @@ def test_central_noise_run_records_epsilon(tmp_path):
         assert spent["steps"] == 1
         # One household-level step per round at q = 1 (sample-rate's default).
         assert spent["epsilon"] == pytest.approx(compute_epsilon([(SIGMA, 1.0, number)], delta=1e-5), rel=1e-9)
-    assert results["rounds"][0]["accuracy"] != results["summary"]["initial_accuracy"]
+    # Noise of std sigma * C = 1 per weight can leave the model predicting one
+    # class, whose accuracy equals the untrained model's, so compare losses.
+    assert results["rounds"][0]["eval_loss"] != results["rounds"][1]["eval_loss"]
     assert _own_flower_processes() == []
 
 
