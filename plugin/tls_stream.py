@@ -140,19 +140,33 @@ class TlsStream:
         view = memoryview(buffer).cast("B")
         wanted = nbytes or len(view)
         deadline = _deadline(self._sock)
+        read = self._tls.read
+        received = 0
         while True:
             try:
-                return self._tls.read(wanted, view)
+                # Decrypt every whole record already buffered before
+                # returning: OpenSSL returns one 16 KiB record per read, and
+                # returning each would run the caller's loop 64 times a MiB.
+                while received < wanted:
+                    count = read(wanted - received, view[received:])
+                    if not count:
+                        # The peer's close_notify: Python's ssl reads it as 0
+                        # bytes rather than an exception.
+                        break
+                    received += count
+                return received
             except ssl.SSLWantReadError:
+                if received:
+                    return received
                 if self._eof or not self._fill(deadline):
                     # Like SSLSocket with suppress_ragged_eofs: an end without
                     # close_notify reads as a closed connection; the frame
                     # decoder reports a frame cut short.
                     return 0
-            except ssl.SSLZeroReturnError:
-                return 0
-            except ssl.SSLEOFError:
-                return 0
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # The plaintext before the end still belongs to the caller;
+                # the next call returns 0.
+                return received
             finally:
                 # Reading can make OpenSSL answer, with a key update for one.
                 if self._outgoing.pending:

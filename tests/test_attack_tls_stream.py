@@ -6,6 +6,7 @@ can trickle it, cut it, tamper with it or end it with or without close_notify.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
@@ -13,6 +14,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import termios
 import threading
 import time
 from pathlib import Path
@@ -647,3 +649,38 @@ def test_send_never_blocks_on_stalled_peer(link_kind: str, bundles: dict[str, Pa
     assert recv_seconds < 3.0
     # close waits heartbeat + 5 s for the blocked writer, then tears the sockets down.
     assert close_seconds < LINK_TIMEOUTS.heartbeat + 5.0 + 1.0
+
+
+def _wait_for_bytes(sock: socket.socket, count: int) -> None:
+    """Wait until `count` bytes sit unread in `sock`'s kernel receive buffer."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while _unread_bytes(sock) < count:
+        assert time.monotonic() < deadline, f"only {_unread_bytes(sock)} of {count} bytes arrived within {WAIT_SECONDS} s"
+        time.sleep(0.005)
+
+
+def _unread_bytes(sock: socket.socket) -> int:
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little")
+
+
+@pytest.mark.parametrize("close_notify", [False, True], ids=["open", "close_notify"])
+def test_recv_into_decrypts_every_buffered_record(close_notify: bool, bundles: dict[str, Path]) -> None:
+    # Three full records in one read: the stream must return all of them at
+    # once rather than one 16 KiB record per call, and must not lose them
+    # when a close_notify follows.
+    raw, peer, stream = _ciphertext_connection(bundles)
+    try:
+        plaintext = os.urandom(3 << 14)
+        ciphertext = peer.encrypt(plaintext) + (peer.close_notify() if close_notify else b"")
+        raw.sendall(ciphertext)
+        _wait_for_bytes(stream._sock, len(ciphertext))
+        stream.settimeout(WAIT_SECONDS)
+        buffer = bytearray(len(plaintext) + 100)
+
+        assert stream.recv_into(buffer) == len(plaintext)
+        assert buffer[: len(plaintext)] == plaintext
+        if close_notify:
+            assert stream.recv_into(buffer) == 0
+    finally:
+        raw.close()
+        stream.close()
