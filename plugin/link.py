@@ -141,7 +141,8 @@ class Link(abc.ABC):
         """Bytes read from the network so far, headers included."""
 
 
-def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str, deadline: float | None = None) -> None:
+def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str, part: str, deadline: float | None = None) -> None:
+    """Fill `view` from `sock`. Errors name `part`, the part of the frame that `view` contains."""
     received = 0
     while received < len(view):
         if deadline is not None:
@@ -149,16 +150,27 @@ def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str, deadlin
             # peer that trickles one byte at a time would never hit it.
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PeerTimeoutError(
-                    f"peer {peer} sent {received} of {len(view)} bytes of a frame before the deadline", peer=peer
-                )
+                raise _read_timeout(peer, received, len(view), part, "the read deadline")
             sock.settimeout(remaining)
-        n = sock.recv_into(view[received:])
+        try:
+            n = sock.recv_into(view[received:])
+        except TimeoutError:
+            # A plain socket raises socket.timeout (TimeoutError since Python 3.10)
+            # and a TlsStream raises TimeoutError when its deadline passes.
+            limit = "the read deadline" if deadline is not None else f"the socket timeout of {sock.gettimeout()} s"
+            raise _read_timeout(peer, received, len(view), part, limit) from None
         if n == 0:
             if received:
                 raise FrameError(f"connection from {peer} ended in the middle of a frame ({received} of {len(view)} bytes)")
             raise PeerClosedError(f"peer {peer} closed the connection", peer=peer)
         received += n
+
+
+def _read_timeout(peer: str, received: int, size: int, part: str, limit: str) -> PeerTimeoutError:
+    return PeerTimeoutError(
+        f"timed out reading a frame from peer {peer}: {received} of {size} bytes of its {part} arrived before {limit}",
+        peer=peer,
+    )
 
 
 def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline: float | None = None) -> tuple[Frame, int]:
@@ -188,15 +200,18 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline:
     PeerClosedError
         If the connection ends cleanly before a frame starts.
     PeerTimeoutError
-        If `deadline` passes before the whole frame has arrived.
+        If `deadline` passes before the whole frame has arrived or, without a
+        `deadline`, if one recv call outlasts the socket's timeout. Unless no
+        byte of the frame had arrived, the connection cannot be read further,
+        because the next read would start inside this frame.
     """
     fixed = bytearray(HEADER.size)
-    _recv_exactly_into(sock, memoryview(fixed), peer, deadline)
+    _recv_exactly_into(sock, memoryview(fixed), peer, "header", deadline)
     header = decode_fixed_header(fixed, limits, peer=peer)
     shape_bytes = bytearray(8 * header.ndim)
     if shape_bytes:
         try:
-            _recv_exactly_into(sock, memoryview(shape_bytes), peer, deadline)
+            _recv_exactly_into(sock, memoryview(shape_bytes), peer, "shape", deadline)
         except PeerClosedError:
             raise FrameError(f"connection from {peer} ended inside a frame header") from None
     header = decode_shape(header, shape_bytes, peer=peer)
@@ -207,7 +222,7 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline:
     payload = torch.empty(header.payload_bytes, dtype=torch.uint8)
     if header.payload_bytes:
         try:
-            _recv_exactly_into(sock, memoryview(payload.numpy()), peer, deadline)
+            _recv_exactly_into(sock, memoryview(payload.numpy()), peer, "payload", deadline)
         except PeerClosedError:
             raise FrameError(
                 f"connection from {peer} ended inside a {header.payload_bytes}-byte payload"

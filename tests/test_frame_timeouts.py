@@ -1,0 +1,169 @@
+"""A stalled peer makes read_frame and SocketLink raise PeerTimeoutError, on real loopback sockets.
+
+Each case sends part of a frame and then nothing, over plain TCP, over
+`TlsStream` and over `ssl.SSLSocket`, and the reader must time out with an
+error that names the peer and how far the frame got.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from homesplit.bundle import DeviceBundle
+from homesplit.errors import PeerTimeoutError
+from homesplit.link import LinkTimeouts, SocketLink, read_frame
+from homesplit.pki import Household
+from homesplit.tls import client_context, server_context
+from homesplit.tls_stream import TlsStream
+from homesplit.wire import DTYPE_CODES, HEADER, MAGIC, VERSION, FrameKind, FrameLimits
+
+STALL_SECONDS = 0.25
+WAIT_SECONDS = 5.0
+PEER = "phone@127.0.0.1"
+
+# A float32 frame of shape (16,): the fixed header, one 8-byte shape entry, 64 payload bytes.
+FIXED = HEADER.pack(MAGIC, VERSION, int(FrameKind.ACTIVATION), DTYPE_CODES[torch.float32], 1, 0, 0, 0, 0, 1, 64)
+SHAPE = struct.pack("<Q", 16)
+
+# What the peer sends before it stalls, and the part of the frame it stalls in.
+STALLS = {
+    "header": (FIXED[:5], f"5 of {HEADER.size} bytes of its header"),
+    "payload": (FIXED + SHAPE + b"\0" * 10, "10 of 64 bytes of its payload"),
+}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DeviceBundle]:
+    root = tmp_path_factory.mktemp("household")
+    household = Household.create(root / "ca", "smith")
+    return {device: DeviceBundle.from_dir(household.enroll(device, out=root / device)[1]) for device in ("phone", "laptop")}
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Return (dialed, accepted) TCP sockets connected on 127.0.0.1, both blocking without a timeout."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        dialed = socket.create_connection(listener.getsockname(), timeout=WAIT_SECONDS)
+        listener.settimeout(WAIT_SECONDS)
+        accepted, _ = listener.accept()
+    finally:
+        listener.close()
+    dialed.settimeout(None)
+    accepted.settimeout(None)
+    return dialed, accepted
+
+
+def _handshake_pair(server_side, client_side) -> tuple[object, object]:
+    """Run the server handshake in a thread and the client handshake here, and return (client, server)."""
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("server", server_side()))
+    thread.start()
+    client = client_side()
+    thread.join(timeout=WAIT_SECONDS)
+    assert "server" in result, "server handshake did not finish"
+    return client, result["server"]
+
+
+def _connect(kind: str, bundles: dict[str, DeviceBundle]) -> tuple[object, object]:
+    """Return (sender, receiver) connected over `kind`, with the phone as sender and the laptop as receiver."""
+    dialed, accepted = _tcp_pair()
+    if kind == "tcp":
+        return dialed, accepted
+    dialed.settimeout(WAIT_SECONDS)
+    accepted.settimeout(WAIT_SECONDS)
+    if kind == "tls_stream":
+        sender, receiver = _handshake_pair(
+            lambda: TlsStream.handshake(accepted, server_context(bundles["laptop"]), server_side=True),
+            lambda: TlsStream.handshake(dialed, client_context(bundles["phone"]), server_side=False),
+        )
+    else:
+        sender, receiver = _handshake_pair(
+            lambda: server_context(bundles["laptop"]).wrap_socket(accepted, server_side=True),
+            lambda: client_context(bundles["phone"]).wrap_socket(dialed),
+        )
+    sender.settimeout(None)
+    receiver.settimeout(None)
+    return sender, receiver
+
+
+@pytest.fixture(params=["tcp", "tls_stream", "ssl_socket"])
+def connection(request: pytest.FixtureRequest, bundles: dict[str, DeviceBundle]) -> Iterator[tuple[object, object]]:
+    sender, receiver = _connect(request.param, bundles)
+    yield sender, receiver
+    sender.close()
+    receiver.close()
+
+
+def _read_in_thread(call) -> BaseException | None:
+    """Run `call` in a thread bounded by WAIT_SECONDS and return what it raised."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=WAIT_SECONDS)
+    assert not thread.is_alive(), f"read still blocked after {WAIT_SECONDS} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("limit", ["socket_timeout", "deadline"])
+@pytest.mark.parametrize("stall", list(STALLS))
+def test_read_frame_stall_raises_peer_timeout(connection, stall: str, limit: str) -> None:
+    sender, receiver = connection
+    data, progress = STALLS[stall]
+    sender.sendall(data)
+
+    if limit == "socket_timeout":
+        receiver.settimeout(STALL_SECONDS)
+        deadline = None
+    else:
+        deadline = time.monotonic() + STALL_SECONDS
+    started = time.monotonic()
+    outcome = _read_in_thread(lambda: read_frame(receiver, FrameLimits(), peer=PEER, deadline=deadline))
+    seconds = time.monotonic() - started
+
+    assert isinstance(outcome, PeerTimeoutError), repr(outcome)
+    assert outcome.peer == PEER
+    assert PEER in str(outcome)
+    assert progress in str(outcome)
+    assert seconds >= STALL_SECONDS * 0.9
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls_stream"])
+def test_link_stalled_inbound_raises_peer_timeout(kind: str, bundles: dict[str, DeviceBundle]) -> None:
+    sender, inbound = _connect(kind, bundles)
+    # The link's heartbeats go to a socket that the test never reads, because
+    # the link's writer must not write to the TLS stream that the test writes to.
+    outbound, sink = socket.socketpair()
+    inbound.settimeout(STALL_SECONDS)
+    timeouts = LinkTimeouts(connect=WAIT_SECONDS, recv=WAIT_SECONDS, peer_silence=WAIT_SECONDS, heartbeat=1.0)
+    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
+    try:
+        sender.sendall(STALLS["payload"][0])
+        with pytest.raises(PeerTimeoutError) as raised:
+            link.recv(timeout=WAIT_SECONDS)
+        # The reader failed the link, so a later recv raises the same error at once.
+        with pytest.raises(PeerTimeoutError):
+            link.recv(timeout=WAIT_SECONDS)
+    finally:
+        link.close()
+        sender.close()
+        sink.close()
+
+    assert raised.value.peer == PEER
+    assert STALLS["payload"][1] in str(raised.value)
