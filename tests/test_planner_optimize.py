@@ -179,7 +179,13 @@ def test_memory_counts_kept_microbatches():
     assert [stage.memory_bytes for stage in one_f_one_b_plan.stages] == [600, 400, 200]
 
 
-def test_step_cost_hand_example():
+def make_hand_example() -> tuple[list[LayerProfile], list[DeviceProfile]]:
+    """Return the units and devices whose step costs the tests below work out by hand.
+
+    Units of 0.5 and 1.0 s per sample with 1000 bytes per sample across the
+    cut, on device "a" (speed 1, 2 W idle, 10 W busy) and "b" (speed 2, 1 W
+    idle, 5 W busy).
+    """
     layers = [
         make_layer(0, last=False, seconds=0.5, output=1000, parameters=0, activation=0),
         make_layer(1, last=True, seconds=1.0, output=0, parameters=0, activation=0),
@@ -188,6 +194,11 @@ def test_step_cost_hand_example():
         DeviceProfile(name="a", speed=1.0, memory_bytes=10**9, idle_watts=2.0, busy_watts=10.0),
         DeviceProfile(name="b", speed=2.0, memory_bytes=10**9, idle_watts=1.0, busy_watts=5.0),
     ]
+    return layers, devices
+
+
+def test_step_cost_hand_example():
+    layers, devices = make_hand_example()
     links = LinkTable(default=LinkProfile(bandwidth_bytes_per_second=4000.0, latency_seconds=0.25))
     model = CostModel(layers, devices, links, batch_size=4, schedule="1f1b", optimizer="sgd")
 
@@ -204,14 +215,7 @@ def test_step_cost_hand_example():
 
 
 def test_step_cost_counts_stage_overhead():
-    layers = [
-        make_layer(0, last=False, seconds=0.5, output=1000, parameters=0, activation=0),
-        make_layer(1, last=True, seconds=1.0, output=0, parameters=0, activation=0),
-    ]
-    devices = [
-        DeviceProfile(name="a", speed=1.0, memory_bytes=10**9, idle_watts=2.0, busy_watts=10.0),
-        DeviceProfile(name="b", speed=2.0, memory_bytes=10**9, idle_watts=1.0, busy_watts=5.0),
-    ]
+    layers, devices = make_hand_example()
     links = LinkTable(default=LinkProfile(bandwidth_bytes_per_second=1e12, latency_seconds=0.0))
     model = CostModel(
         layers, devices, links, batch_size=4, schedule="1f1b", optimizer="sgd", stage_overhead_seconds=0.5
