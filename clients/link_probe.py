@@ -38,7 +38,7 @@ def measure_peers(device: DeviceConfig, request: LinkProbeRequest) -> dict[str, 
     moves on to the next peer.
     """
     if device.device != request.owner:
-        raise HomesplitError(f"{device.household}/{device.device} is asked to measure links, but the data owner is {request.owner}")
+        raise HomesplitError(f"{device.household}/{device.device} received a request to measure links, but only the data owner {request.owner} measures them")
     results: dict[str, ProbeResult] = {}
     local = PeerIdentity(device.device, 0, device.household, request.round)
     for index, (peer, address) in enumerate(zip(request.peers, request.addresses), start=1):

@@ -1,6 +1,6 @@
 """The link probe step of discovery, as plain data that the server and the devices exchange.
 
-After discovery the strategy knows every device's data-plane address. It then
+After discovery the strategy has every device's data-plane address. It then
 sends each household's devices one `LinkProbeRequest`. The pairing is fixed:
 the data owner dials every other device of its household, one after the
 other in the order of `peers` (sorted by name), and measures that link with
@@ -38,7 +38,7 @@ PROBE_KIND = "linkprobe"
 
 @dataclass(frozen=True)
 class LinkProbeRequest:
-    """What every device of one household needs to run the link probe.
+    """Settings that every device of one household needs to run the link probe.
 
     Parameters
     ----------
@@ -146,7 +146,7 @@ def decode_results(text: str) -> dict[str, ProbeResult]:
     """Decode the output of `encode_results`.
 
     A peer whose entry is not a valid link becomes a `ProbeResult` with an
-    error that says so.
+    error that names the invalid entry.
 
     Raises
     ------

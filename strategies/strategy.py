@@ -90,10 +90,10 @@ class HomesplitStrategy(Strategy):
         Seconds to wait for `min_available_nodes` nodes to connect.
     link_probe_seconds : float, default 30.0
         With the "time" or "energy" planner, discovery ends with a link
-        probe: each household's data owner measures its link to every other
-        device of the household over the household's link (mutual TLS unless
-        the devices run with insecure-links), as `homesplit.link_probes`
-        describes. This is the time the owner may spend on one device,
+        probe, as `homesplit.link_probes` describes. Each household's data
+        owner measures its link to every other device of the household over
+        the household's link, which is mutual TLS unless the devices run with
+        insecure-links. This is the time the owner may spend on one device,
         connecting included. The server waits `discovery_timeout` plus this
         time per device of the largest household. A link that was not
         measured is planned with `homesplit.planner.DEFAULT_LINK`, with a WARNING.
