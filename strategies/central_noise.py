@@ -6,12 +6,12 @@ user's update to L2 norm C, and release
 
     (sum of the clipped updates + N(0, (sigma * C)^2 I)) / (q * W)
 
-with a denominator fixed before sampling (their fixed-denominator estimator
-with all weights 1, so ``q * W`` is the expected number of sampled users).
-Adding or removing one household changes the sum by at most C in L2 norm,
-so the Gaussian noise gives the guarantee of a subsampled Gaussian
-mechanism with noise multiplier sigma and sampling rate q, once per round,
-which is what each data owner's accountant records. Dividing by a number
+with a denominator fixed before sampling. That is their fixed-denominator
+estimator with all weights 1, so ``q * W`` is the expected number of sampled
+users. Adding or removing one household changes the sum by at most C in L2
+norm. So each round is a subsampled Gaussian mechanism with noise multiplier
+sigma and sampling rate q, which is what each data owner's accountant
+records. Dividing by a number
 that depends neither on the sample nor on the updates is post-processing.
 
 Here each household h has its own q_h, sigma_h and C_h. The expected number
@@ -114,13 +114,14 @@ def noised_sum(
     """Return `current` plus the noised sum of the households' clipped updates over the expected household count.
 
     Each update is the household's returned arrays minus `current`, over the
-    floating-point arrays of `current`; an array a household did not return
-    counts as a zero update. The server clips every update to its household's
-    bound again, in float64. For a household that clipped as it should, this
-    changes nothing beyond float32 rounding. A larger update is logged as a
-    WARNING and clipped, so the sensitivity holds whatever the devices sent.
-    Noise is drawn once per array of `current`, even when no household
-    trained, because skipping it would reveal that no household was sampled.
+    floating-point arrays of `current`. An array that a household did not
+    return counts as a zero update. The server clips every update to its
+    household's bound again, in float64. For a household that clipped as it
+    should, this changes nothing beyond float32 rounding. A larger update is
+    logged as a WARNING and clipped, so the sensitivity stays at the bound
+    whatever the devices sent. Noise is drawn once per array of `current`,
+    even when no household trained, because skipping it would reveal that no
+    household was sampled.
 
     Parameters
     ----------
@@ -165,7 +166,7 @@ def _update(outcome: HouseholdOutcome, start: Mapping[str, np.ndarray], sums: Ma
     update = {}
     for name, value in outcome.arrays.items():
         if name not in sums:
-            logger.warning("Household %s returned array %r, which is no floating-point global array; ignored", outcome.household, name)
+            logger.warning("Household %s returned array %r, which is not a floating-point array of the global model; ignored", outcome.household, name)
             continue
         update[name] = value.astype(np.float64).reshape(start[name].shape) - start[name].astype(np.float64)
     return update

@@ -63,7 +63,7 @@ class DPHomesplitStrategy(HomesplitStrategy):
     noise_seed : int or None, default None
         Seed of the household sampling and the noise in a run with central
         noise, for tests only. None seeds both from the operating system, so
-        that nobody who knows the run config can predict them.
+        they cannot be predicted from the run config.
     **kwargs
         Arguments of `HomesplitStrategy`.
 

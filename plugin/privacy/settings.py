@@ -160,8 +160,9 @@ def check_settings(raw: Any, *, where: str) -> dict[str, Any]:
             "at every step; allowed: local, or central with mode household"
         )
     if settings["mode"] == "household" and settings["sample-rate"] is not None and settings["sample-rate"] < 1:
-        # NOTE: the subsampled accounting needs every round counted, drawn or not, but a data owner hears
-        # only of the rounds its household trains in, so it would count too few steps and understate epsilon.
+        # NOTE: the subsampled accounting needs every round counted, drawn or not, but a data owner receives
+        # messages only in the rounds its household trains in, so it would count too few steps and understate
+        # epsilon.
         raise ConfigError(
             f"{where}.sample-rate={settings['sample-rate']!r} is not supported yet: a household's accountant "
             "counts only the rounds it trains in, so sampling households would understate epsilon; "
