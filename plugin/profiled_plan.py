@@ -1,9 +1,10 @@
 """A household plan from the profile-driven planner, behind `plan_household`'s signature.
 
 `plan_household_profiled` profiles the model once on this machine (the
-reference device), turns the devices' discovery reports and the links that
-the data owner measured into planner inputs, and lets `homesplit.planner.plan_from_discovery` choose the cuts, the device
-order and the micro-batch count. Devices that sent no speed figure make it
+reference device). It turns the devices' discovery reports and the links
+that the data owner measured into planner inputs, and lets
+`homesplit.planner.plan_from_discovery` choose the cuts, the device order
+and the micro-batch count. Devices that sent no speed figure make it
 fall back to the parameter-balanced `homesplit.household_plan.plan_household`.
 """
 
@@ -160,11 +161,11 @@ def household_profile(
     """Return the layer profile of `model` on a batch of `batch_size`, measuring it on first use.
 
     The model is profiled in training mode with one torch thread, as stage
-    processes run by default. The first call for a model signature
-    (structure, cuts, input shapes and dtypes) also measures the stage
-    runtime's cost per micro-batch with `measure_stage_overhead`, which runs
-    two stage processes on loopback for some seconds, unless `cache_path`
-    contains a profile with that figure. Later calls with the same signature
+    processes run by default. Unless `cache_path` contains a profile with the
+    stage runtime's cost per micro-batch, the first call for a model
+    signature (structure, cuts, input shapes and dtypes) also measures that
+    cost with `measure_stage_overhead`. That runs two stage processes on
+    loopback for some seconds. Later calls with the same signature
     return the profile kept in memory. Parameters are those of
     `plan_household_profiled`.
     """

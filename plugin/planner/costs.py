@@ -26,7 +26,7 @@ samples (`LayerProfile.seconds_per_sample_at`):
   and drain are done by every stage at its own speed, so the step is shorter
   than ``(M + S - 1) * bottleneck`` when the stages and links differ;
 - busy time of stage ``s`` per step: ``(B * sum(t(b)) + m * r) / speed``, with
-  ``m = ceil(B / b)`` the micro-batches that actually run; the rest of the
+  ``m = ceil(B / b)`` the micro-batches that actually run. The rest of the
   step, ``step - busy``, is that device's bubble;
 - energy per sample: ``sum over used devices of (busy_watts * busy + idle_watts
   * (step - busy)) / B``. Devices without a stage are left idle and not counted.

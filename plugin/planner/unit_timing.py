@@ -4,10 +4,11 @@ The times are taken in this process, with glibc's default allocator, as
 stage processes run by default. A stage started with
 ``--return-freed-memory`` (node config ``return-freed-memory``) maps every
 tensor of 128 KiB or more fresh and pays its page faults, which these times
-do not include. On the planner benchmark's transformer (width 64, 4 blocks,
-32 tokens, one torch thread, a 2-core AMD EPYC container) that setting made a
-forward plus backward pass take 1.4 ms of CPU per sample at micro-batches of
-16 instead of 0.84 ms, and made no difference at 4 samples.
+do not include. This was measured on the planner benchmark's transformer
+(width 64, 4 blocks, 32 tokens, one torch thread, a 2-core AMD EPYC
+container). There the setting made a forward plus backward pass take 1.4 ms
+of CPU per sample at micro-batches of 16 instead of 0.84 ms, and made no
+difference at 4 samples.
 
 NOTE: the units timed one by one still miss part of how a stage's time
 changes with the micro-batch size. For that transformer, a one-stage
