@@ -9,11 +9,11 @@ with one torch thread. The benchmark then
 1. puts every device in its own network namespace, joins each pair with a
    veth pair shaped by ``tc tbf`` to 200 Mbit/s (see shaped_links.py), and
    measures every pair with `homesplit.planner.linkprobe`;
-2. profiles the model with one torch thread, as the stage processes run, at
-   every micro-batch size the planner may choose, in a child process with the
-   stage processes' mmap threshold (`profile_model`), and measures the stage
-   runtime's cost per micro-batch (`measure_stage_overhead`, a real two-stage
-   pipeline of a trivial model);
+2. profiles the model in this process with one torch thread, as the stage
+   processes run, at every micro-batch size the planner may choose
+   (`profile_model`). It also measures the stage runtime's cost per
+   micro-batch (`measure_stage_overhead`, a real two-stage pipeline of a
+   trivial model);
 3. calibrates: one stage process runs the whole model with each candidate
    micro-batch count (4 and 8), and every unit's time at that micro-batch
    size is scaled so that the cost model, runtime overhead included,
@@ -303,7 +303,7 @@ def bench_model(
     # time per sample at the run's micro-batch size b. So factor(b) makes it
     # exact, and it scales every unit's time at that size. It brings the profile
     # to what a stage process measures under the machine's current load, at
-    # the sizes the planner compares; a single factor would carry one size's
+    # the sizes the planner compares. A single factor would carry one size's
     # error over to the other.
     calibration = {}
     for count in MICROBATCH_CANDIDATES:

@@ -5,17 +5,17 @@ namespace and joins each pair of devices with a veth pair shaped by a token
 bucket (``tc qdisc ... tbf``) at `RATE`, which emulates a home Wi-Fi
 link. Wi-Fi is half duplex: both directions share the air. So where the
 kernel has ``ifb`` and the ``clsact`` qdisc with ``u32`` and ``mirred``, both
-directions of a pair go through one token bucket on an ifb device: the veth
-end in the first device's namespace redirects its egress and its ingress
-there. Elsewhere each veth end gets its own token bucket, a full-duplex link,
-on which an activation and a gradient that cross at the same time take less
-time than the planner's half-duplex transfer time predicts. The network
-records which it got.
+directions of a pair go through one token bucket on an ifb device. The veth
+end in the first device's namespace redirects its egress and its ingress to
+the ifb device. Elsewhere each veth end gets its own token bucket, a
+full-duplex link, on which an activation and a gradient that cross at the
+same time take less time than the planner's half-duplex transfer time
+predicts. `ShapedNetwork.duplex` records which shaping the pairs got.
 
 `measure_pair_links` measures every pair with `homesplit.planner.linkprobe`,
 one process in each namespace, over plaintext TCP as the benchmark's stages
-use. netem is not available here, so the links add no delay beyond the
-kernel's own.
+use. The links add no delay beyond the kernel's own, because netem was not
+available on the benchmark machine.
 
 Run as a script, this file is the probe peer that `measure_pair_links`
 starts inside a namespace::
@@ -160,7 +160,7 @@ def _create(
             _run("ip", "link", "set", end, "netns", namespace)
             _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", end)
             _run("ip", "-n", namespace, "link", "set", end, "up")
-        # The first pair finds out whether half duplex works, and the others get the same shaping.
+        # The first pair tests whether half duplex works, and the others get the same shaping.
         half_duplex = _shape_pair(
             (namespaces[first], namespaces[second]), ends, ifb, half_duplex=half_duplex, fallback=index == 0
         )
