@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import select
 import statistics
 import subprocess
 import sys
@@ -36,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from bench_support import enroll_devices, machine_facts, read_line, start, stop
+
 from homesplit.errors import PeerClosedError
-from homesplit.pki import Household
 from homesplit.tls import TlsTransport
 from homesplit.transport import PeerIdentity, TcpTransport, open_listener
 from homesplit.wire import Frame, FrameKind
@@ -160,30 +159,6 @@ def measure(addresses: dict[str, str], bundle: str, stream_bytes: int, repeats: 
     return results
 
 
-def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
-def _read_line(process: subprocess.Popen, seconds: float) -> str:
-    ready, _, _ = select.select([process.stdout], [], [], seconds)
-    if not ready:
-        raise RuntimeError(f"benchmark peer (pid {process.pid}) printed nothing within {seconds} s")
-    line = process.stdout.readline()
-    if not line:
-        raise RuntimeError(f"benchmark peer (pid {process.pid}) exited: {process.stderr.read()[-2000:]}")
-    return line
-
-
 def run_pair(bundles: Path, *, server_prefix: list[str], client_prefix: list[str], listen: str, connect_host: str, stream_bytes: int, repeats: int) -> dict:
     """Start one server per transport and one client, and return the figures with ratios."""
     script = [sys.executable, os.path.abspath(__file__)]
@@ -191,22 +166,22 @@ def run_pair(bundles: Path, *, server_prefix: list[str], client_prefix: list[str
     try:
         addresses = {}
         for kind in ("plain", "tls"):
-            servers[kind] = _start(server_prefix + script + ["--role", "serve", "--transport", kind, "--bundle", str(bundles / "bench-down"), "--listen", listen])
-            port = json.loads(_read_line(servers[kind], PEER_START_SECONDS))["listen"].rsplit(":", 1)[1]
+            servers[kind] = start(server_prefix + script + ["--role", "serve", "--transport", kind, "--bundle", str(bundles / "bench-down"), "--listen", listen])
+            port = json.loads(read_line(servers[kind], PEER_START_SECONDS, name="benchmark server"))["listen"].rsplit(":", 1)[1]
             addresses[kind] = f"{connect_host}:{port}"
-        client = _start(
+        client = start(
             client_prefix + script + ["--role", "measure", "--sizes", ",".join(SIZES), "--bundle", str(bundles / "bench-up"), "--connect", json.dumps(addresses),
                                       "--stream-bytes", str(stream_bytes), "--repeats", str(repeats)]
         )
         try:
             out, err = client.communicate(timeout=900)
         finally:
-            _stop(client)
+            stop(client)
         if client.returncode != 0:
             raise RuntimeError(f"benchmark client failed with exit code {client.returncode}: {err[-2000:]}")
     finally:
         for server in servers.values():
-            _stop(server)
+            stop(server)
     result = json.loads(out)
     result["tls_over_plain_mb_per_s"] = {
         label: round(result["tls"][label]["mb_per_s"] / result["plain"][label]["mb_per_s"], 3) for label in SIZES
@@ -299,21 +274,9 @@ def main() -> None:
 
     stream_bytes = 32 << 20 if args.quick else args.stream_bytes
     with tempfile.TemporaryDirectory(prefix="homesplit-bench-") as scratch:
-        household = Household.create(Path(scratch) / "household", HOUSEHOLD)
-        bundles = Path(scratch) / "bundles"
-        for device in ("bench-up", "bench-down"):
-            household.enroll(device, out=bundles / device)
-
+        bundles = enroll_devices(Path(scratch), HOUSEHOLD, ("bench-up", "bench-down"))
         report = {
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-                # Other processes compete for the same cores, and TLS needs
-                # more CPU than plaintext, so the load shapes the ratios.
-                "load_average_1min_before": round(os.getloadavg()[0], 2),
-            },
+            **machine_facts(),
             "loopback": run_pair(bundles, server_prefix=[], client_prefix=[], listen="127.0.0.1:0",
                                  connect_host="127.0.0.1", stream_bytes=stream_bytes, repeats=args.repeats),
         }

@@ -31,13 +31,14 @@ import contextlib
 import itertools
 import json
 import os
-import select
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from bench_support import read_line, start, stop
 
 from homesplit.planner import LinkProfile
 from homesplit.planner.linkprobe import echo_link_probes, measure_link
@@ -206,45 +207,22 @@ def shaped_network(devices: Sequence[str]) -> Iterator[tuple[ShapedNetwork | Non
             print(f"could not delete: {'; '.join(failed)}", file=sys.stderr)
 
 
-def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
-def _read_line(process: subprocess.Popen, seconds: float) -> str:
-    ready, _, _ = select.select([process.stdout], [], [], seconds)
-    line = process.stdout.readline() if ready else ""
-    if not line:
-        _stop(process)
-        raise RuntimeError(f"link probe peer (pid {process.pid}) printed nothing: {process.stderr.read()[-2000:]}")
-    return line
-
-
 def measure_pair_links(network: ShapedNetwork) -> dict[tuple[str, str], LinkProfile]:
     """Measure the link of every device pair, from a process in each of the two namespaces."""
     script = [sys.executable, os.path.abspath(__file__)]
     links = {}
     for first, second in itertools.combinations(network.namespaces, 2):
         address = network.listen_address(second, first)
-        echo = _start(network.prefix(second) + script + ["--role", "echo", "--listen", address])
+        echo = start(network.prefix(second) + script + ["--role", "echo", "--listen", address])
         try:
-            _read_line(echo, PROBE_SECONDS)
-            prober = _start(network.prefix(first) + script + ["--role", "measure", "--connect", address])
+            read_line(echo, PROBE_SECONDS, name="link probe echo")
+            prober = start(network.prefix(first) + script + ["--role", "measure", "--connect", address])
             try:
-                links[(first, second)] = LinkProfile.from_dict(json.loads(_read_line(prober, PROBE_SECONDS)))
+                links[(first, second)] = LinkProfile.from_dict(json.loads(read_line(prober, PROBE_SECONDS, name="link prober")))
             finally:
-                _stop(prober)
+                stop(prober)
         finally:
-            _stop(echo)
+            stop(echo)
     return links
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import select
 import socket
 import ssl
 import statistics
@@ -43,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_support import enroll_devices, machine_facts, read_line, start, stop
+
 from homesplit.bundle import DeviceBundle
-from homesplit.pki import Household
 from homesplit.tls import client_context, server_context
 from homesplit.tls_stream import TlsStream
 
@@ -120,29 +119,15 @@ class _Peer:
     def __init__(self, transport: str, bundles: Path, chunk: int) -> None:
         command = [sys.executable, os.path.abspath(__file__), "--role", "serve", "--transport", transport,
                    "--bundle", str(bundles / "receiver"), "--chunk", str(chunk)]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = start(command)
         try:
-            port = int(self._first_line())
+            port = int(read_line(self.process, PEER_START_SECONDS, name=f"{transport} receiver"))
             raw = socket.create_connection(("127.0.0.1", port), timeout=PEER_START_SECONDS)
             self.stream = _wrap(raw, transport, bundles / "sender", server_side=False)
         except BaseException:
             self.stop()
             raise
         self.cipher = self.stream.cipher()[0] if transport != "plain" else None
-
-    def _first_line(self) -> str:
-        ready, _, _ = select.select([self.process.stdout], [], [], PEER_START_SECONDS)
-        line = self.process.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(
-                f"receiver (pid {self.process.pid}) gave no port within {PEER_START_SECONDS} s: {self._stderr()}"
-            )
-        return line
-
-    def _stderr(self) -> str:
-        if self.process.poll() is None:
-            return "still running"
-        return self.process.stderr.read()[-2000:]
 
     def stream_once(self, data: memoryview, total: int) -> tuple[float, float, float]:
         """Send `total` bytes in chunks of `data`; return MB/s and the CPU µs per MiB of sender and receiver."""
@@ -166,11 +151,7 @@ class _Peer:
             except OSError:
                 pass
             stream.close()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
+        stop(self.process)
 
 
 def measure_streams(bundles: Path, stream_bytes: int, repeats: int) -> tuple[dict, str | None]:
@@ -288,20 +269,8 @@ def main() -> None:
         parser.error(f"--stream-bytes {stream_bytes} and --repeats {repeats} must be at least 1 MiB and 1")
 
     with tempfile.TemporaryDirectory(prefix="homesplit-ceiling-") as scratch:
-        household = Household.create(Path(scratch) / "household", HOUSEHOLD)
-        bundles = Path(scratch) / "bundles"
-        for device in ("sender", "receiver"):
-            household.enroll(device, out=bundles / device)
-        report = {
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-                "openssl": ssl.OPENSSL_VERSION,
-                "load_average_1min_before": round(os.getloadavg()[0], 2),
-            },
-        }
+        bundles = enroll_devices(Path(scratch), HOUSEHOLD, ("sender", "receiver"))
+        report = machine_facts(openssl=ssl.OPENSSL_VERSION)
         report["stream"], report["machine"]["tls_cipher"] = measure_streams(bundles, stream_bytes, repeats)
         report["in_memory_tls"] = measure_in_memory(bundles, 16 if args.quick else 64)
     report["openssl_speed_aes_256_gcm"] = openssl_speed()
