@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 from homesplit import __version__
 from homesplit.errors import HomesplitError
@@ -27,6 +29,55 @@ _COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("household", "homesplit.cli_household", "create the household CA, enroll, list and revoke devices"),
     ("plan", "homesplit.cli_plan", "plan where to cut a model and which device runs each segment"),
 )
+
+
+# Signals that stop a command the way Ctrl-C does. The KeyboardInterrupt they
+# raise unwinds through the code that started processes (`LocalFederation`,
+# `run_local_pipelines`), which stops every process it started by PID. The
+# default action of SIGTERM and SIGHUP would end this process at once and
+# leave Flower's programs running.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopSignal(KeyboardInterrupt):
+    """Interrupt raised in the main thread when the command receives one of `_STOP_SIGNALS`.
+
+    Parameters
+    ----------
+    signum : int
+        The signal received.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _install_stop_handlers() -> dict[int, Callable | int | None]:
+    """Make `_STOP_SIGNALS` raise `StopSignal` and return the previous handlers.
+
+    Outside the main thread, where Python cannot set signal handlers, nothing
+    changes and the result is empty.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    received: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        received.append(signum)
+        # The first signal starts an orderly stop. A second one, arriving
+        # while `LocalFederation.stop` waits, makes it kill what is left at
+        # once. A third would only break off that kill, so it is ignored.
+        if len(received) <= 2:
+            raise StopSignal(signum)
+
+    previous = {}
+    for signum in _STOP_SIGNALS:
+        # A signal ignored from the start stays ignored, as shells arrange
+        # for SIGINT in background jobs and nohup for SIGHUP.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, stop)
+    return previous
 
 
 def _invoked_command(argv: Sequence[str]) -> str | None:
@@ -82,14 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    previous = _install_stop_handlers()
     try:
         return int(handler(args) or 0)
     except HomesplitError as exc:
         print(f"homesplit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except StopSignal as exc:
+        print(f"homesplit {args.command}: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        # The shell convention for a command ended by a signal.
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"homesplit {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 if __name__ == "__main__":

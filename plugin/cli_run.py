@@ -19,7 +19,6 @@ import json
 import logging
 import re
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -72,14 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_handle)
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    # SIGTERM takes the same path as Ctrl-C, so LocalFederation stops every
-    # process it started instead of leaving them running in their own sessions.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _handle(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     experiment = load_experiment(args.experiment, rounds=args.rounds)
     households = len(experiment.households)
     devices = sum(len(h["devices"]) for h in experiment.households)

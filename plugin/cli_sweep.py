@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -326,9 +327,14 @@ def _handle(args: argparse.Namespace) -> int:
     def report(line: str) -> None:
         print(f"homesplit sweep: {line}", flush=True)
 
-    rows = run_sweep(
-        experiment, epsilons=epsilons, seeds=args.seeds, out=out, insecure=args.insecure, resume=args.resume, echo=echo, report=report
-    )
+    try:
+        rows = run_sweep(
+            experiment, epsilons=epsilons, seeds=args.seeds, out=out, insecure=args.insecure, resume=args.resume, echo=echo, report=report
+        )
+    except KeyboardInterrupt:
+        # The interrupted run wrote no results.json, so --resume runs it again.
+        print(f"homesplit sweep: the finished runs stay in {out}, and --resume reuses them", file=sys.stderr, flush=True)
+        raise
     paths = write_sweep(out, rows)
     print((out / "sweep.md").read_text(encoding="utf-8"), end="", flush=True)
     print(f"homesplit sweep: wrote {', '.join(str(p) for p in paths)}", flush=True)
