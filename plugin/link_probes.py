@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from homesplit.errors import ConfigError
+from homesplit.json_limits import loads_limited
 from homesplit.planner.profiles import LinkProfile
 
 __all__ = ["LinkProbeRequest", "ProbeResult", "decode_results", "encode_results"]
@@ -111,19 +113,35 @@ class LinkProbeRequest:
             If a key is missing or has an invalid value.
         """
         try:
-            peers = json.loads(str(record["peers"]))
-            addresses = json.loads(str(record["addresses"]))
+            peers = _string_list(record["peers"], key="peers")
+            addresses = _string_list(record["addresses"], key="addresses")
             return cls(
                 session=int(record["session"]),
                 owner=str(record["owner"]),
-                peers=tuple(str(peer) for peer in peers),
-                addresses=tuple(str(address) for address in addresses),
+                peers=peers,
+                addresses=addresses,
                 budget_seconds=float(record["budget-seconds"]),
             )
+        except ConfigError:
+            raise
         except KeyError as exc:
             raise ConfigError(f"link probe request lacks key {exc.args[0]!r}; the server and device versions differ") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"link probe request is invalid: {exc}") from None
+
+
+def _string_list(value: Any, *, key: str) -> tuple[str, ...]:
+    """Decode the JSON list of strings under `key` of a request's ConfigRecord."""
+    try:
+        items = loads_limited(str(value))
+    except ValueError as exc:
+        raise ConfigError(
+            f"link probe request's {key} are not valid JSON ({exc}); check that the server runs the same homesplit "
+            "version as this device"
+        ) from None
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"link probe request's {key}={reprlib.repr(items)} is invalid; allowed: a JSON list of strings")
+    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -154,8 +172,8 @@ def decode_results(text: str) -> dict[str, ProbeResult]:
         If `text` is not a JSON object.
     """
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
+        raw = loads_limited(text)
+    except ValueError as exc:
         raise ConfigError(f"link probe results are not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"link probe results must be a JSON object of peers, not {type(raw).__name__}")
@@ -170,7 +188,7 @@ def decode_results(text: str) -> dict[str, ProbeResult]:
                 latency_seconds=float(entry["latency_seconds"]),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            results[str(peer)] = ProbeResult(error=f"invalid measurement {entry!r}: {exc}")
+            results[str(peer)] = ProbeResult(error=f"invalid measurement {reprlib.repr(entry)}: {exc}")
             continue
         results[str(peer)] = ProbeResult(link=link)
     return results
