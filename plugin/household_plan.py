@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import reprlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from homesplit.errors import PlanError
+from homesplit.json_limits import loads_limited
 from homesplit.partition import candidate_cuts, even_cuts
 from homesplit.planner.profiles import LinkProfile
 from homesplit.schedule import SCHEDULES
@@ -144,10 +146,33 @@ class HouseholdPlan:
 
     @classmethod
     def from_json(cls, text: str) -> HouseholdPlan:
-        """Parse JSON written by `to_json`."""
-        raw: dict[str, Any] = json.loads(text)
-        raw["stages"] = [StageAssignment(**s) for s in raw["stages"]]
-        return cls(**raw)
+        """Parse JSON written by `to_json`.
+
+        Raises
+        ------
+        PlanError
+            If `text` is not valid JSON, nests deeper than
+            `homesplit.json_limits.MAX_JSON_DEPTH` levels, or is not a plan
+            object with the keys that `to_json` writes.
+        """
+        try:
+            raw = loads_limited(text)
+        except ValueError as exc:
+            raise PlanError(
+                f"household plan is not valid JSON: {exc}; check that the server runs the same homesplit version as "
+                "this device"
+            ) from None
+        stages = raw.get("stages") if isinstance(raw, dict) else None
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            raise PlanError(
+                f"household plan {reprlib.repr(raw)} is invalid; allowed: a JSON object whose 'stages' is a list of objects"
+            )
+        try:
+            return cls(**{**raw, "stages": [StageAssignment(**stage) for stage in stages]})
+        except TypeError as exc:
+            raise PlanError(
+                f"household plan is invalid: {exc}; check that the server runs the same homesplit version as this device"
+            ) from None
 
 
 def data_owner(devices: Sequence[DeviceInfo]) -> DeviceInfo:

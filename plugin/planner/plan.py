@@ -7,10 +7,12 @@ the strategy can send it to every device in a Flower ConfigRecord.
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from homesplit.errors import PlanError
+from homesplit.json_limits import loads_limited
 
 __all__ = ["StagePlan", "Plan", "OBJECTIVES"]
 
@@ -172,5 +174,25 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        """Build a plan from the output of `to_json`."""
-        return cls.from_dict(json.loads(text))
+        """Build a plan from the output of `to_json`.
+
+        Raises
+        ------
+        PlanError
+            If `text` is not valid JSON, nests deeper than
+            `homesplit.json_limits.MAX_JSON_DEPTH` levels, or is not a plan
+            object with the keys that `to_json` writes.
+        """
+        try:
+            data = loads_limited(text)
+        except ValueError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}; plan it again") from None
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if not isinstance(stages, list) or not all(isinstance(stage, dict) for stage in stages):
+            raise PlanError(f"plan {reprlib.repr(data)} is invalid; allowed: a JSON object whose 'stages' is a list of objects")
+        try:
+            return cls.from_dict(data)
+        except KeyError as exc:
+            raise PlanError(f"plan is missing key {exc.args[0]!r}; plan it again with this homesplit version") from None
+        except TypeError as exc:
+            raise PlanError(f"plan is invalid: {exc}; plan it again with this homesplit version") from None
