@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from homesplit.errors import ConfigError
+from homesplit.json_limits import loads_limited
 from homesplit.partition import SplitModel, split_model
 from homesplit.schedule import SCHEDULES
 
@@ -147,11 +148,13 @@ class PipelineJob:
         Raises
         ------
         ConfigError
-            On invalid JSON, unknown or missing keys, or a value of the wrong type.
+            On invalid JSON, JSON that nests deeper than
+            `homesplit.json_limits.MAX_JSON_DEPTH` levels, unknown or missing
+            keys, or a value of the wrong type.
         """
         try:
-            raw = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
+            raw = loads_limited(text)
+        except ValueError as exc:
             raise ConfigError(f"pipeline job is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"pipeline job must be a JSON object, not a {type(raw).__name__}")
@@ -162,7 +165,7 @@ class PipelineJob:
         for key, kind in _JSON_TYPES.items():
             value = raw.get(key)
             if key in raw and not _has_type(value, kind):
-                raise ConfigError(f"pipeline job key {key!r} has value {value!r}; expected {_type_names(kind)}")
+                raise ConfigError(f"pipeline job key {key!r} has value {reprlib.repr(value)}; expected {_type_names(kind)}")
         try:
             return cls(**raw)
         except TypeError as exc:

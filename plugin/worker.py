@@ -24,6 +24,7 @@ import torch
 from homesplit.allocator import pin_mmap_threshold
 from homesplit.errors import ConfigError
 from homesplit.job import PipelineJob, build_loss, build_optimizer, build_split, load_callable
+from homesplit.json_limits import loads_limited
 from homesplit.link import Link, LinkTimeouts
 from homesplit.stage import StageRunner, StepResult
 from homesplit.tensorfile import load_tensors, save_tensors
@@ -165,6 +166,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _read_job_file(path: str) -> Any:
+    """Decode the job file: one PipelineJob object or a list of them."""
+    try:
+        return loads_limited(Path(path).read_text())
+    except ValueError as exc:
+        raise ConfigError(f"job file {path!r} is not valid JSON: {exc}; write it with PipelineJob.to_json") from exc
+
+
 def _run_one(job: PipelineJob, args: argparse.Namespace, transport, listener, weights: str, out: str) -> int:
     report: dict[str, Any] = {"stage": args.stage, "pid": os.getpid(), "round": job.round}
     start = time.perf_counter()
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     listener = None
     try:
-        raw = json.loads(Path(args.job).read_text())
+        raw = _read_job_file(args.job)
         jobs = [PipelineJob.from_json(json.dumps(j)) for j in raw] if isinstance(raw, list) else [PipelineJob.from_json(json.dumps(raw))]
         timeouts = LinkTimeouts(connect=args.connect_timeout, recv=args.recv_timeout, peer_silence=args.peer_silence)
         transport = make_transport(args.transport, bundle=args.bundle, timeouts=timeouts)
