@@ -11,7 +11,6 @@ its `PrivacyBudget` before training. The budget lives in the node's
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from homesplit.errors import BudgetExhaustedError, PrivacyError
+from homesplit.json_limits import loads_limited
 from homesplit.privacy.accounting import BudgetDecision, PrivacyBudget
 from homesplit.privacy.sampling import poisson_batches
 from homesplit.privacy.settings import RoundPrivacy, decode_run_config, resolve_round, settings_for
@@ -66,12 +66,20 @@ def read_round_privacy(config: Mapping[str, Any]) -> RoundPrivacy | None:
     Raises
     ------
     PrivacyError
-        If the settings in the message are invalid.
+        If the settings in the message are not valid JSON, nest deeper than
+        `homesplit.json_limits.MAX_JSON_DEPTH` levels, or are invalid.
     """
     text = str(config.get(PRIVACY, "") or "")
     if not text:
         return None
-    return RoundPrivacy.from_dict(json.loads(text))
+    try:
+        raw = loads_limited(text)
+    except ValueError as exc:
+        raise PrivacyError(
+            f"the train message's privacy settings are not valid JSON: {exc}; check that the server runs the same "
+            "homesplit version as this device"
+        ) from exc
+    return RoundPrivacy.from_dict(raw)
 
 
 def owner_round_privacy(
@@ -127,12 +135,23 @@ def load_budget(context: Context, privacy: RoundPrivacy) -> PrivacyBudget:
     """Return the household's budget from ``context.state``, or a fresh one with no history.
 
     The target comes from `privacy`, the history from the state.
+
+    Raises
+    ------
+    PrivacyError
+        If the stored budget is not valid JSON or not a budget.
     """
     record = context.state.config_records.get(_BUDGET_RECORD)
     config = privacy.config
     history: list = []
     if record is not None:
-        history = PrivacyBudget.from_dict(json.loads(str(record["json"]))).history
+        try:
+            stored = loads_limited(str(record.get("json", "")))
+        except ValueError as exc:
+            raise PrivacyError(
+                f"the privacy budget in context.state is not valid JSON: {exc}; a new run starts a new budget"
+            ) from exc
+        history = PrivacyBudget.from_dict(stored).history
     target = config.target_epsilon if config.target_epsilon is not None else float("inf")
     return PrivacyBudget(
         target_epsilon=target, target_delta=config.target_delta, accountant=config.accountant, history=history

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,16 +217,21 @@ class PrivacyBudget:
         Raises
         ------
         PrivacyError
-            On unknown or missing keys.
+            If `raw` is not a mapping, or on unknown or missing keys or invalid values.
         """
         known = {"target_epsilon", "target_delta", "accountant", "history"}
+        if not isinstance(raw, dict):
+            raise PrivacyError(f"privacy budget {reprlib.repr(raw)} is invalid; allowed: a mapping with keys {sorted(known)}")
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PrivacyError(f"unknown privacy budget keys {unknown}; allowed keys are {sorted(known)}")
         try:
             return cls(**raw)
-        except TypeError as exc:
-            raise PrivacyError(f"invalid privacy budget {raw}: {exc}") from exc
+        except PrivacyError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            # ValueError and OverflowError come from history entries that are not (sigma, q, steps) numbers.
+            raise PrivacyError(f"invalid privacy budget {reprlib.repr(raw)}: {exc}") from exc
 
     def to_json(self) -> str:
         """Serialise to JSON."""

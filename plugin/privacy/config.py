@@ -148,7 +148,8 @@ class PrivacyConfig:
             raise PrivacyError(f"unknown privacy keys {unknown}; allowed keys are {sorted(known)}")
         try:
             return cls(**raw)
-        except TypeError as exc:
+        except (TypeError, OverflowError) as exc:
+            # OverflowError: math.isfinite of an integer beyond the float range, which JSON allows.
             raise PrivacyError(f"invalid privacy settings {raw}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from homesplit.errors import ConfigError, PrivacyError
+from homesplit.json_limits import loads_limited
 from homesplit.privacy.accounting import calibrate_noise_multiplier
 from homesplit.privacy.config import ACCOUNTANTS, CLIPPINGS, MODES, NOISE_PLACEMENTS, PrivacyConfig
 
@@ -266,15 +268,16 @@ def decode_run_config(value: Any) -> dict[str, dict[str, Any]]:
     Raises
     ------
     ConfigError
-        If the value is not a JSON mapping of household id to settings, or a
+        If the value is not a JSON mapping of household id to settings, nests
+        deeper than `homesplit.json_limits.MAX_JSON_DEPTH` levels, or a
         household's settings are invalid.
     """
     text = str(value or "").strip()
     if not text:
         return {}
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
+        raw = loads_limited(text)
+    except ValueError as exc:
         raise ConfigError(f"run config privacy={text[:80]!r} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"run config privacy={text[:80]!r} is invalid; allowed: a JSON object of household id to settings")
@@ -308,9 +311,17 @@ class RoundPrivacy:
         Raises
         ------
         PrivacyError
-            On invalid settings.
+            If `raw` is not a mapping with a ``config`` mapping and an integer
+            ``steps``, or on invalid settings.
         """
-        return cls(PrivacyConfig.from_dict(dict(raw["config"])), int(raw["steps"]))
+        config = raw.get("config") if isinstance(raw, Mapping) else None
+        steps = raw.get("steps") if isinstance(raw, Mapping) else None
+        if not isinstance(config, Mapping) or isinstance(steps, bool) or not isinstance(steps, int):
+            raise PrivacyError(
+                f"round privacy settings {reprlib.repr(raw)} are invalid; allowed: a mapping with a 'config' mapping "
+                "and an integer 'steps', as RoundPrivacy.to_dict writes it"
+            )
+        return cls(PrivacyConfig.from_dict(dict(config)), steps)
 
 
 def resolve_round(
