@@ -35,6 +35,8 @@ from homesplit.clients.privacy import (
 from homesplit.clients.stage_round import StageOutcome, close_downstream, run_stage_round
 from homesplit.errors import ConfigError, LinkError
 from homesplit.household_plan import HouseholdPlan
+from homesplit.job import check_optimizer
+from homesplit.json_limits import loads_limited
 from homesplit.link import LinkTimeouts
 from homesplit.link_probes import LinkProbeRequest, encode_results
 from homesplit.minibatches import minibatches, round_seed
@@ -230,7 +232,7 @@ def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_
             if privacy.config.mode == "sample":
                 batches = private_batches(examples, privacy)
     weights = {name: torch.from_numpy(array.numpy().copy()) for name, array in msg.content.array_records[ARRAYS].items()}
-    optimizer = json.loads(str(config.get("optimizer", json.dumps(_DEFAULT_OPTIMIZER))))
+    optimizer = _read_optimizer(config)
     logger.info("%s/%s: %s round %d as stage %d of %d", device.household, device.device, kind, server_round, stage, plan.num_stages)
     outcome = run_stage_round(
         device, plan, stage, kind=kind, server_round=server_round, model_fn=model_fn, example_inputs=example_inputs,
@@ -251,6 +253,20 @@ def _run(device, plan, stage, kind, msg, config, model_fn, example_inputs, load_
         passes = epochs if kind == "train" else 1
         num_examples = sum(s.batch_size for s in outcome.steps) // max(passes, 1)
     return outcome, num_examples
+
+
+def _read_optimizer(config: ConfigRecord) -> dict:
+    """Decode and check the message's optimizer spec, such as ``{"name": "SGD", "lr": 0.05}``."""
+    text = str(config.get("optimizer", json.dumps(_DEFAULT_OPTIMIZER)))
+    try:
+        spec = loads_limited(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"the message's optimizer is not valid JSON: {exc}; check that the server runs the same homesplit version "
+            "as this device"
+        ) from exc
+    check_optimizer(spec)
+    return spec
 
 
 def _check_budget(device, plan, context, privacy, server_round, timeouts) -> PrivacyBudget:
