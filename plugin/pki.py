@@ -136,7 +136,7 @@ class Household:
                 )
         try:
             meta = json.loads((self.directory / "household.json").read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ConfigError(f"{str(self.directory / 'household.json')!r} is corrupt ({exc}); restore it from a backup") from exc
         household_id = meta.get("household") if isinstance(meta, dict) else None
         self.household_id: str = validate_name(str(household_id or ""), "household id in household.json")

@@ -315,7 +315,7 @@ def _read_cache(cache_path: str | Path | None, signature: str) -> ModelProfile |
         entries = json.loads(Path(cache_path).read_text(encoding="utf-8"))
         entry = entries.get(signature)
         return None if entry is None else ModelProfile.from_dict(entry)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         logger.warning("ignoring unreadable profile cache %s: %s", cache_path, error)
         return None
 
@@ -328,7 +328,7 @@ def _write_cache(cache_path: str | Path | None, profile: ModelProfile) -> None:
     if path.exists():
         try:
             entries = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             logger.warning("replacing unreadable profile cache %s: %s", path, error)
     if not isinstance(entries, dict):
         entries = {}
