@@ -23,6 +23,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,10 @@ class LinkTimeouts:
     recv : float, default 300.0
         Longest wait for one expected frame, however lively the peer is.
     peer_silence : float, default 15.0
-        Longest time without any frame from the peer, heartbeats included,
-        before the peer counts as gone. Must exceed `heartbeat`.
+        Maximum time without any byte from the peer, heartbeats included,
+        before the peer counts as gone. The bytes of a frame still arriving
+        count too, so a large frame on a slow network is not silence. Must
+        exceed `heartbeat`.
     heartbeat : float, default 2.0
         Interval at which an idle sender emits a heartbeat frame.
     """
@@ -141,7 +144,14 @@ class Link(abc.ABC):
         """Bytes read from the network so far, headers included."""
 
 
-def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str, part: str, deadline: float | None = None) -> None:
+def _recv_exactly_into(
+    sock: socket.socket,
+    view: memoryview,
+    peer: str,
+    part: str,
+    deadline: float | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
     """Fill `view` from `sock`. Errors name `part`, the part of the frame that `view` contains."""
     received = 0
     while received < len(view):
@@ -164,6 +174,8 @@ def _recv_exactly_into(sock: socket.socket, view: memoryview, peer: str, part: s
                 raise FrameError(f"connection from {peer} ended in the middle of a frame ({received} of {len(view)} bytes)")
             raise PeerClosedError(f"peer {peer} closed the connection", peer=peer)
         received += n
+        if on_bytes is not None:
+            on_bytes(n)
 
 
 def _read_timeout(peer: str, received: int, size: int, part: str, limit: str) -> PeerTimeoutError:
@@ -173,7 +185,14 @@ def _read_timeout(peer: str, received: int, size: int, part: str, limit: str) ->
     )
 
 
-def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline: float | None = None) -> tuple[Frame, int]:
+def read_frame(
+    sock: socket.socket,
+    limits: FrameLimits,
+    *,
+    peer: str,
+    deadline: float | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[Frame, int]:
     """Read one frame from a blocking stream socket.
 
     Parameters
@@ -187,6 +206,9 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline:
     deadline : float or None, default None
         `time.monotonic` time by which the whole frame must have arrived. None
         leaves the socket's own timeout, which bounds each recv call only.
+    on_bytes : callable or None, default None
+        Called with the byte count of each recv call that returned data, so
+        that a caller can tell a slow frame from a silent peer.
 
     Returns
     -------
@@ -206,12 +228,12 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline:
         because the next read would start inside this frame.
     """
     fixed = bytearray(HEADER.size)
-    _recv_exactly_into(sock, memoryview(fixed), peer, "header", deadline)
+    _recv_exactly_into(sock, memoryview(fixed), peer, "header", deadline, on_bytes)
     header = decode_fixed_header(fixed, limits, peer=peer)
     shape_bytes = bytearray(8 * header.ndim)
     if shape_bytes:
         try:
-            _recv_exactly_into(sock, memoryview(shape_bytes), peer, "shape", deadline)
+            _recv_exactly_into(sock, memoryview(shape_bytes), peer, "shape", deadline, on_bytes)
         except PeerClosedError:
             raise FrameError(f"connection from {peer} ended inside a frame header") from None
     header = decode_shape(header, shape_bytes, peer=peer)
@@ -222,7 +244,7 @@ def read_frame(sock: socket.socket, limits: FrameLimits, *, peer: str, deadline:
     payload = torch.empty(header.payload_bytes, dtype=torch.uint8)
     if header.payload_bytes:
         try:
-            _recv_exactly_into(sock, memoryview(payload.numpy()), peer, "payload", deadline)
+            _recv_exactly_into(sock, memoryview(payload.numpy()), peer, "payload", deadline, on_bytes)
         except PeerClosedError:
             raise FrameError(
                 f"connection from {peer} ended inside a {header.payload_bytes}-byte payload"
@@ -497,7 +519,7 @@ class SocketLink(Link):
     def _read_loop(self) -> None:
         while True:
             try:
-                frame, size = read_frame(self._inbound, self._limits, peer=self.peer)
+                frame, size = read_frame(self._inbound, self._limits, peer=self.peer, on_bytes=self._note_bytes)
             except (LinkError, FrameError) as exc:
                 if isinstance(exc, FrameError):
                     logger.error("Closing link to %s: %s", self.peer, exc)
@@ -520,6 +542,9 @@ class SocketLink(Link):
                 self._fail(PeerClosedError(f"peer {self.peer} finished and closed the link", peer=self.peer))
                 return
             self._incoming.put(frame)
+
+    def _note_bytes(self, count: int) -> None:
+        self._last_seen = time.monotonic()
 
     def _shutdown_inbound(self) -> None:
         try:

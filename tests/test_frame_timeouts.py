@@ -2,7 +2,8 @@
 
 Each case sends part of a frame and then nothing, over plain TCP, over
 `TlsStream` and over `ssl.SSLSocket`, and the reader must time out with an
-error that names the peer and how far the frame got.
+error that names the peer and how far the frame got. A peer whose bytes keep
+arriving, however slowly, must not count as silent.
 """
 
 from __future__ import annotations
@@ -167,3 +168,36 @@ def test_link_stalled_inbound_raises_peer_timeout(kind: str, bundles: dict[str, 
 
     assert raised.value.peer == PEER
     assert STALLS["payload"][1] in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls_stream"])
+def test_link_slow_frame_is_not_silence(kind: str, bundles: dict[str, DeviceBundle]) -> None:
+    # The peer sends one frame in pieces over twice `peer_silence`. Bytes
+    # keep arriving, so the peer is slow, not silent, and the frame must come
+    # through whole.
+    sender, inbound = _connect(kind, bundles)
+    outbound, sink = socket.socketpair()
+    timeouts = LinkTimeouts(connect=WAIT_SECONDS, recv=WAIT_SECONDS, peer_silence=STALL_SECONDS * 2, heartbeat=STALL_SECONDS)
+    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
+    payload = torch.arange(16, dtype=torch.float32)
+    data = FIXED + SHAPE + payload.numpy().tobytes()
+    pieces = [data[start : start + 8] for start in range(0, len(data), 8)]
+    pause = timeouts.peer_silence * 2 / len(pieces)
+
+    def trickle() -> None:
+        for piece in pieces:
+            sender.sendall(piece)
+            time.sleep(pause)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        frame = link.recv(timeout=WAIT_SECONDS)
+    finally:
+        thread.join(timeout=WAIT_SECONDS)
+        link.close()
+        sender.close()
+        sink.close()
+
+    assert frame.kind is FrameKind.ACTIVATION
+    assert torch.equal(frame.tensor, payload)
