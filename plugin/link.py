@@ -120,7 +120,8 @@ class Link(abc.ABC):
         Raises
         ------
         PeerTimeoutError
-            If nothing arrives before the deadline, or the peer falls silent.
+            If no frame has arrived by the deadline, or the peer falls silent
+            before one arrives.
         PeerClosedError
             If the peer closed the connection or died.
         PeerAbortedError
@@ -425,20 +426,25 @@ class SocketLink(Link):
         wait = self._timeouts.recv if timeout is None else timeout
         deadline = time.monotonic() + wait
         while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise PeerTimeoutError(f"no frame from {self.peer} within {wait:.1f} s", peer=self.peer)
-            silence = now - self._last_seen
-            if silence > self._timeouts.peer_silence:
-                raise PeerTimeoutError(
-                    f"peer {self.peer} sent nothing, not even a heartbeat, for {silence:.1f} s "
-                    f"(peer_silence={self._timeouts.peer_silence} s)",
-                    peer=self.peer,
-                )
             try:
-                item = self._incoming.get(timeout=min(deadline - now, 0.25))
+                # A frame that has already arrived is returned even after the
+                # deadline, or when the peer fell silent after sending it.
+                item = self._incoming.get_nowait()
             except queue.Empty:
-                continue
+                now = time.monotonic()
+                if now >= deadline:
+                    raise PeerTimeoutError(f"no frame from {self.peer} within {wait:.1f} s", peer=self.peer)
+                silence = now - self._last_seen
+                if silence > self._timeouts.peer_silence:
+                    raise PeerTimeoutError(
+                        f"peer {self.peer} sent nothing, not even a heartbeat, for {silence:.1f} s "
+                        f"(peer_silence={self._timeouts.peer_silence} s)",
+                        peer=self.peer,
+                    )
+                try:
+                    item = self._incoming.get(timeout=min(deadline - now, 0.25))
+                except queue.Empty:
+                    continue
             if isinstance(item, _Failure):
                 # Leave the failure in place so every later call raises it too.
                 self._incoming.put(item)

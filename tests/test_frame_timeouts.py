@@ -201,3 +201,28 @@ def test_link_slow_frame_is_not_silence(kind: str, bundles: dict[str, DeviceBund
 
     assert frame.kind is FrameKind.ACTIVATION
     assert torch.equal(frame.tensor, payload)
+
+
+@pytest.mark.parametrize("kind", ["tcp", "tls_stream"])
+def test_link_returns_frame_before_silence(kind: str, bundles: dict[str, DeviceBundle]) -> None:
+    # The peer sends one whole frame and then nothing, and the caller asks
+    # for it only after `peer_silence` has passed. The frame arrived, so recv
+    # must return it, and only the next recv counts the silence.
+    sender, inbound = _connect(kind, bundles)
+    outbound, sink = socket.socketpair()
+    timeouts = LinkTimeouts(connect=WAIT_SECONDS, recv=WAIT_SECONDS, peer_silence=STALL_SECONDS * 2, heartbeat=STALL_SECONDS)
+    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
+    payload = torch.arange(16, dtype=torch.float32)
+    try:
+        sender.sendall(FIXED + SHAPE + payload.numpy().tobytes())
+        time.sleep(timeouts.peer_silence * 2)
+        frame = link.recv(timeout=WAIT_SECONDS)
+        with pytest.raises(PeerTimeoutError) as raised:
+            link.recv(timeout=WAIT_SECONDS)
+    finally:
+        link.close()
+        sender.close()
+        sink.close()
+
+    assert torch.equal(frame.tensor, payload)
+    assert "sent nothing" in str(raised.value)
