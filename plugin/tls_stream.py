@@ -138,6 +138,12 @@ class TlsStream:
         The socket timeout bounds the whole call, however many socket reads it takes.
         """
         view = memoryview(buffer).cast("B")
+        # The same checks and messages as socket.recv_into: returning 0 here
+        # would read as a closed connection.
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes > len(view):
+            raise ValueError("buffer too small for requested bytes")
         wanted = nbytes or len(view)
         deadline = _deadline(self._sock)
         read = self._tls.read

@@ -683,3 +683,15 @@ def test_recv_into_decrypts_every_buffered_record(close_notify: bool, bundles: d
     finally:
         raw.close()
         stream.close()
+
+
+@pytest.mark.parametrize("nbytes", [-1, 65], ids=["negative", "past_buffer"])
+def test_recv_into_rejects_bad_size(nbytes: int, bundles: dict[str, Path]) -> None:
+    # A plain socket raises ValueError for these; returning 0 would read as a closed connection.
+    raw, _, stream = _ciphertext_connection(bundles)
+    try:
+        with pytest.raises(ValueError):
+            stream.recv_into(bytearray(64), nbytes)
+    finally:
+        raw.close()
+        stream.close()
