@@ -118,3 +118,15 @@ def test_invalid_measurement_decodes_as_error():
     assert results["phone"].link == LinkProfile(1e6, 0.001)
     assert results["tv"].link is None
     assert "invalid measurement" in results["tv"].error
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ['{"bandwidth_bytes_per_second": Infinity, "latency_seconds": 0}', '{"bandwidth_bytes_per_second": 1e6, "latency_seconds": Infinity}'],
+    ids=["infinite_bandwidth", "infinite_latency"],
+)
+def test_non_finite_measurement_decodes_as_error(entry: str):
+    results = decode_results('{"tv": ' + entry + "}")
+
+    assert results["tv"].link is None
+    assert "finite" in results["tv"].error

@@ -259,10 +259,12 @@ class LinkProfile:
     latency_seconds: float
 
     def __post_init__(self) -> None:
-        if not self.bandwidth_bytes_per_second > 0:
-            raise ConfigError(f"bandwidth={self.bandwidth_bytes_per_second!r} bytes/s must be positive")
-        if not self.latency_seconds >= 0:
-            raise ConfigError(f"latency={self.latency_seconds!r} s must not be negative")
+        # A measurement decoded from JSON may be Infinity or NaN, which would
+        # make every plan across this link cost the same or nothing.
+        if not 0 < self.bandwidth_bytes_per_second < math.inf:
+            raise ConfigError(f"bandwidth={self.bandwidth_bytes_per_second!r} bytes/s must be positive and finite")
+        if not 0 <= self.latency_seconds < math.inf:
+            raise ConfigError(f"latency={self.latency_seconds!r} s must be finite and not negative")
 
     def transfer_seconds(self, num_bytes: float) -> float:
         """Return the time to send `num_bytes` bytes, in seconds."""
