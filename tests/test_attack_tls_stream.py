@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from socket_support import run_in_thread, tcp_pair
 
 import homesplit.link
 from homesplit.bundle import DeviceBundle
@@ -46,28 +47,6 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("household")
     household = Household.create(root / "ca", "smith")
     return {device: household.enroll(device, out=root / device)[1] for device in ("phone", "laptop")}
-
-
-def _tcp_pair(*, buffer_bytes: int | None = None) -> tuple[socket.socket, socket.socket]:
-    """Return (dialed, accepted) TCP sockets on 127.0.0.1, with small kernel buffers if `buffer_bytes` is set."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    dialed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if buffer_bytes is not None:
-        # Set before connecting, so that the TCP window is small from the start.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
-        dialed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
-    try:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        dialed.settimeout(WAIT_SECONDS)
-        dialed.connect(listener.getsockname())
-        listener.settimeout(WAIT_SECONDS)
-        accepted, _ = listener.accept()
-    finally:
-        listener.close()
-    dialed.settimeout(None)
-    accepted.settimeout(None)
-    return dialed, accepted
 
 
 def _tls_streams(bundles: dict[str, Path], dialed: socket.socket, accepted: socket.socket) -> tuple[TlsStream, TlsStream]:
@@ -117,7 +96,7 @@ class CiphertextPeer:
 
 def _ciphertext_connection(bundles: dict[str, Path]) -> tuple[socket.socket, CiphertextPeer, TlsStream]:
     """Return the phone's raw socket, its `CiphertextPeer` and the laptop's server TlsStream."""
-    raw, accepted = _tcp_pair()
+    raw, accepted = tcp_pair()
     server: dict[str, TlsStream] = {}
     context = server_context(DeviceBundle.from_dir(bundles["laptop"]))
     thread = threading.Thread(target=lambda: server.setdefault("stream", TlsStream.handshake(accepted, context, server_side=True)))
@@ -188,25 +167,8 @@ def _open_fds() -> int:
 # -- handshake ---------------------------------------------------------------------------
 
 
-def _run_in_thread(call, *, wait: float) -> BaseException | object:
-    """Run `call` in a daemon thread and return its result or exception, or fail if it outlives `wait` seconds."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=wait)
-    assert not thread.is_alive(), f"still running after {wait} s"
-    return outcome[0]
-
-
 def test_handshake_trickled_hello_times_out(bundles: dict[str, Path]) -> None:
-    dialed, accepted = _tcp_pair()
+    dialed, accepted = tcp_pair()
     stop = threading.Event()
     context = server_context(DeviceBundle.from_dir(bundles["laptop"]))
     with dialed, accepted:
@@ -214,7 +176,7 @@ def test_handshake_trickled_hello_times_out(bundles: dict[str, Path]) -> None:
         _trickle(dialed, _client_hello(bundles["phone"]), interval=0.2, stop=stop)
         accepted.settimeout(1.0)
         try:
-            outcome = _run_in_thread(lambda: TlsStream.handshake(accepted, context, server_side=True), wait=3.0)
+            outcome = run_in_thread(lambda: TlsStream.handshake(accepted, context, server_side=True), wait=3.0)
         finally:
             stop.set()
     assert isinstance(outcome, TimeoutError), repr(outcome)
@@ -396,7 +358,7 @@ def test_read_frame_deadline_bounds_tls_trickle(bundles: dict[str, Path]) -> Non
         # One TLS record, one byte every 0.2 s: each socket call returns in time, the frame never does.
         _trickle(raw, peer.encrypt(_frame_bytes(Frame.text(FrameKind.HELLO, "x" * 100))), interval=0.2, stop=stop)
         try:
-            outcome = _run_in_thread(
+            outcome = run_in_thread(
                 lambda: read_frame(stream, FrameLimits(), peer="phone", deadline=time.monotonic() + 1.0), wait=3.0
             )
         finally:
@@ -506,7 +468,7 @@ class OneWayLinks:
     """
 
     def __init__(self, kind: str, bundles: dict[str, Path], *, buffer_bytes: int | None = None) -> None:
-        dialed, accepted = _tcp_pair(buffer_bytes=buffer_bytes)
+        dialed, accepted = tcp_pair(buffer_bytes=buffer_bytes)
         self.raw = (dialed, accepted)
         outbound, inbound = (dialed, accepted) if kind == "tcp" else _tls_streams(bundles, dialed, accepted)
         self.inbound = inbound
@@ -533,7 +495,7 @@ def _filled(value: int, count: int, **coordinates: int) -> Frame:
 def test_inline_rest_stays_before_queued_frame(link_kind: str, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     # Small socket buffers and a receiver that is not reading yet make the
     # inline write partial. While it runs, another thread queues a large frame.
-    dialed, accepted = _tcp_pair(buffer_bytes=65536)
+    dialed, accepted = tcp_pair(buffer_bytes=65536)
     outbound, inbound = (dialed, accepted) if link_kind == "tcp" else _tls_streams(bundles, dialed, accepted)
     spare = socket.socketpair()
     sender = SocketLink(outbound, spare[0], peer="laptop", timeouts=LINK_TIMEOUTS)
@@ -621,7 +583,7 @@ def test_concurrent_senders_keep_order(link_kind: str, bundles: dict[str, Path])
 
 
 def test_send_never_blocks_on_stalled_peer(link_kind: str, bundles: dict[str, Path]) -> None:
-    dialed, accepted = _tcp_pair()
+    dialed, accepted = tcp_pair()
     outbound, inbound = (dialed, accepted) if link_kind == "tcp" else _tls_streams(bundles, dialed, accepted)
     spare = socket.socketpair()
     # No thread reads `inbound` or writes to `spare`, so the peer has stalled.

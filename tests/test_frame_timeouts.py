@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from socket_support import run_in_thread, tcp_pair
 
 from homesplit.bundle import DeviceBundle
 from homesplit.errors import PeerTimeoutError
@@ -49,20 +50,6 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DeviceBundle]
     return {device: DeviceBundle.from_dir(household.enroll(device, out=root / device)[1]) for device in ("phone", "laptop")}
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Return (dialed, accepted) TCP sockets connected on 127.0.0.1, both blocking without a timeout."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    try:
-        dialed = socket.create_connection(listener.getsockname(), timeout=WAIT_SECONDS)
-        listener.settimeout(WAIT_SECONDS)
-        accepted, _ = listener.accept()
-    finally:
-        listener.close()
-    dialed.settimeout(None)
-    accepted.settimeout(None)
-    return dialed, accepted
-
-
 def _handshake_pair(server_side, client_side) -> tuple[object, object]:
     """Run the server handshake in a thread and the client handshake here, and return (client, server)."""
     result: dict[str, object] = {}
@@ -76,7 +63,7 @@ def _handshake_pair(server_side, client_side) -> tuple[object, object]:
 
 def _connect(kind: str, bundles: dict[str, DeviceBundle]) -> tuple[object, object]:
     """Return (sender, receiver) connected over `kind`, with the phone as sender and the laptop as receiver."""
-    dialed, accepted = _tcp_pair()
+    dialed, accepted = tcp_pair()
     if kind == "tcp":
         return dialed, accepted
     dialed.settimeout(WAIT_SECONDS)
@@ -104,24 +91,6 @@ def connection(request: pytest.FixtureRequest, bundles: dict[str, DeviceBundle])
     receiver.close()
 
 
-def _read_in_thread(call) -> BaseException | None:
-    """Run `call` in a thread bounded by WAIT_SECONDS and return what it raised."""
-    outcome: list[BaseException | None] = []
-
-    def run() -> None:
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - returned to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(timeout=WAIT_SECONDS)
-    assert not thread.is_alive(), f"read still blocked after {WAIT_SECONDS} s"
-    return outcome[0]
-
-
 @pytest.mark.parametrize("limit", ["socket_timeout", "deadline"])
 @pytest.mark.parametrize("stall", list(STALLS))
 def test_read_frame_stall_raises_peer_timeout(connection, stall: str, limit: str) -> None:
@@ -135,7 +104,7 @@ def test_read_frame_stall_raises_peer_timeout(connection, stall: str, limit: str
     else:
         deadline = time.monotonic() + STALL_SECONDS
     started = time.monotonic()
-    outcome = _read_in_thread(lambda: read_frame(receiver, FrameLimits(), peer=PEER, deadline=deadline))
+    outcome = run_in_thread(lambda: read_frame(receiver, FrameLimits(), peer=PEER, deadline=deadline), wait=WAIT_SECONDS)
     seconds = time.monotonic() - started
 
     assert isinstance(outcome, PeerTimeoutError), repr(outcome)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from socket_support import tcp_pair
 
 from homesplit.bundle import DeviceBundle
 from homesplit.errors import FrameError, LinkError
@@ -57,21 +58,8 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DeviceBundle]
     return out
 
 
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Return (dialed, accepted) TCP sockets connected on 127.0.0.1."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    try:
-        dialed = socket.create_connection(listener.getsockname(), timeout=DEADLINE_SECONDS)
-        listener.settimeout(DEADLINE_SECONDS)
-        accepted, _ = listener.accept()
-    finally:
-        listener.close()
-    accepted.settimeout(None)
-    return dialed, accepted
-
-
 def _tls_pair(bundles: dict[str, DeviceBundle]) -> tuple[socket.socket, socket.socket]:
-    dialed, accepted = _tcp_pair()
+    dialed, accepted = tcp_pair(dialed_timeout=DEADLINE_SECONDS)
     result: dict[str, socket.socket] = {}
     accepted.settimeout(DEADLINE_SECONDS)
     thread = threading.Thread(target=lambda: result.setdefault("server", server_context(bundles["laptop"]).wrap_socket(accepted, server_side=True)))
@@ -86,7 +74,7 @@ def _tls_pair(bundles: dict[str, DeviceBundle]) -> tuple[socket.socket, socket.s
 @pytest.fixture(params=["tcp", "tls"])
 def live_link(request: pytest.FixtureRequest, bundles: dict[str, DeviceBundle]):
     """A receiving SocketLink and the raw socket that feeds its inbound side."""
-    sender, inbound = _tcp_pair() if request.param == "tcp" else _tls_pair(bundles)
+    sender, inbound = tcp_pair(dialed_timeout=DEADLINE_SECONDS) if request.param == "tcp" else _tls_pair(bundles)
     # The link's own outbound traffic (heartbeats) goes to a separate socket
     # that nobody reads, because TLS sockets must not be shared by two threads.
     outbound, sink = socket.socketpair()
@@ -183,7 +171,7 @@ SHAPES = [(), (0,), (0, 3), (5,), (2, 3, 4)]
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 def test_round_trip_every_dtype(dtype: torch.dtype) -> None:
-    dialed, accepted = _tcp_pair()
+    dialed, accepted = tcp_pair(dialed_timeout=DEADLINE_SECONDS)
     with dialed, accepted:
         accepted.settimeout(DEADLINE_SECONDS)
         for index, shape in enumerate(SHAPES):
