@@ -1,7 +1,8 @@
 """Throughput of Python's ssl module against plaintext on this machine, without framing.
 
 Prints one JSON document. `benchmarks/link_throughput.py` measures homesplit's
-links; this script measures the floor beneath them. Two processes on
+links, and this script measures the upper bound that Python's ssl module sets
+for them. Two processes on
 127.0.0.1 stream chunks of 1 MiB or 16 MiB into one reused buffer, with no
 frame headers, no tensors and no threads, over three transports:
 
@@ -54,8 +55,8 @@ HOUSEHOLD = "ceiling"
 SOCKET_SECONDS = 60.0
 PEER_START_SECONDS = 30.0
 # The measuring side sends the byte count of the next stream as one unsigned
-# 64-bit integer; 0 ends the server. The server replies with the CPU seconds
-# it spent receiving, as one float64.
+# 64-bit integer, and a count of 0 stops the server. The server replies with
+# the CPU seconds it spent receiving, as one float64.
 COUNT = struct.Struct("!Q")
 SECONDS = struct.Struct("!d")
 MiB = 1 << 20
@@ -135,11 +136,11 @@ class _Peer:
         started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(total // len(data)):
             self.stream.sendall(data)
-        answer = bytearray(SECONDS.size)
-        _recv_exactly(self.stream, memoryview(answer))
+        reply = bytearray(SECONDS.size)
+        _recv_exactly(self.stream, memoryview(reply))
         elapsed = time.perf_counter() - started
         sender_cpu = time.process_time() - cpu_started
-        (receiver_cpu,) = SECONDS.unpack(answer)
+        (receiver_cpu,) = SECONDS.unpack(reply)
         mib = total / MiB
         return total / elapsed / 1e6, sender_cpu / mib * 1e6, receiver_cpu / mib * 1e6
 
@@ -206,7 +207,7 @@ def measure_in_memory(bundles: Path, total_mib: int) -> dict:
         server_in.write(client_out.read())
         client_in.write(server_out.read())
     if client.version() is None or server.version() is None:
-        raise RuntimeError("the in-memory TLS handshake did not finish in 10 flights")
+        raise RuntimeError("the in-memory TLS handshake did not finish after 10 rounds of messages; check the household certificates")
     plaintext = memoryview(os.urandom(MiB))
     buffer = memoryview(bytearray(MiB))
     encrypt = decrypt = 0.0
