@@ -139,7 +139,7 @@ def load_budget(context: Context, privacy: RoundPrivacy) -> PrivacyBudget:
     Raises
     ------
     PrivacyError
-        If the stored budget is not valid JSON or not a budget.
+        If the stored budget is not valid JSON or not a valid budget.
     """
     record = context.state.config_records.get(_BUDGET_RECORD)
     config = privacy.config

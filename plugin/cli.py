@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except StopSignal as exc:
         print(f"homesplit {args.command}: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
-        # The shell convention for a command ended by a signal.
+        # Shells report a command ended by a signal with status 128 + signal number.
         return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"homesplit {args.command}: interrupted", file=sys.stderr)

@@ -333,7 +333,7 @@ def _handle(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         # The interrupted run wrote no results.json, so --resume runs it again.
-        print(f"homesplit sweep: the finished runs stay in {out}, and --resume reuses them", file=sys.stderr, flush=True)
+        print(f"homesplit sweep: interrupted. Run the same command with --resume to reuse the finished runs in {out}", file=sys.stderr, flush=True)
         raise
     paths = write_sweep(out, rows)
     print((out / "sweep.md").read_text(encoding="utf-8"), end="", flush=True)

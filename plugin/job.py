@@ -148,9 +148,9 @@ class PipelineJob:
         Raises
         ------
         ConfigError
-            On invalid JSON, JSON that nests deeper than
-            `homesplit.json_limits.MAX_JSON_DEPTH` levels, unknown or missing
-            keys, or a value of the wrong type.
+            If `text` is not valid JSON, nests deeper than
+            `homesplit.json_limits.MAX_JSON_DEPTH` levels, or has unknown or
+            missing keys or a value of the wrong type.
         """
         try:
             raw = loads_limited(text)

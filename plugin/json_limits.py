@@ -59,7 +59,7 @@ def loads_limited(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
 
 
 def _check_depth(value: Any, max_depth: int) -> None:
-    # An explicit stack, because recursion is what this check guards against.
+    # Walk an explicit stack, because deep recursion is what this check guards against.
     stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         container, depth = stack.pop()

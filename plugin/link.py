@@ -224,8 +224,8 @@ def read_frame(
         If the connection ends cleanly before a frame starts.
     PeerTimeoutError
         If `deadline` passes before the whole frame has arrived or, without a
-        `deadline`, if one recv call outlasts the socket's timeout. Unless no
-        byte of the frame had arrived, the connection cannot be read further,
+        `deadline`, if one recv call outlasts the socket's timeout. If part of
+        the frame had already arrived, the connection cannot be read further,
         because the next read would start inside this frame.
     """
     fixed = bytearray(HEADER.size)
@@ -433,7 +433,7 @@ class SocketLink(Link):
             except queue.Empty:
                 now = time.monotonic()
                 if now >= deadline:
-                    raise PeerTimeoutError(f"no frame from {self.peer} within {wait:.1f} s", peer=self.peer)
+                    raise PeerTimeoutError(f"timed out after {wait:.1f} s waiting for a frame from peer {self.peer}", peer=self.peer)
                 silence = now - self._last_seen
                 if silence > self._timeouts.peer_silence:
                     raise PeerTimeoutError(

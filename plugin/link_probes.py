@@ -7,8 +7,8 @@ other in the order of `peers` (sorted by name), and measures that link with
 `homesplit.planner.linkprobe.measure_link`. The other devices listen on
 their data-plane address and echo the owner's probes. The owner runs stage 0
 of every plan, so every link that carries its activations is measured. Links
-between two other devices are not measured; `homesplit.profiled_plan`
-estimates them from the owner's two links.
+between two other devices are not measured, so `homesplit.profiled_plan`
+estimates each from the owner's links to those two devices.
 
 Deadlines: the owner spends at most `budget_seconds` on each peer, for
 connecting and measuring. So peer ``i`` (1-based in `peers`) waits at most

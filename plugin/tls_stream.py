@@ -138,8 +138,8 @@ class TlsStream:
         The socket timeout bounds the whole call, however many socket reads it takes.
         """
         view = memoryview(buffer).cast("B")
-        # The same checks and messages as socket.recv_into: returning 0 here
-        # would read as a closed connection.
+        # Check `nbytes` as socket.recv_into does, with its messages, because
+        # returning 0 here would read as a closed connection.
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         if nbytes > len(view):
@@ -151,13 +151,14 @@ class TlsStream:
         while True:
             try:
                 # Decrypt every whole record already buffered before
-                # returning: OpenSSL returns one 16 KiB record per read, and
-                # returning each would run the caller's loop 64 times a MiB.
+                # returning. OpenSSL returns at most one 16 KiB record per
+                # read, so returning each would run the caller's loop 64 times
+                # per MiB.
                 while received < wanted:
                     count = read(wanted - received, view[received:])
                     if not count:
-                        # The peer's close_notify: Python's ssl reads it as 0
-                        # bytes rather than an exception.
+                        # SSLObject.read returns 0 bytes, rather than raising,
+                        # when the peer has sent close_notify.
                         break
                     received += count
                 return received
@@ -170,8 +171,8 @@ class TlsStream:
                     # decoder reports a frame cut short.
                     return 0
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                # The plaintext before the end still belongs to the caller;
-                # the next call returns 0.
+                # Return the plaintext decrypted before the end, and the
+                # next call returns 0.
                 return received
             finally:
                 # Reading can make OpenSSL answer, with a key update for one.

@@ -11,8 +11,8 @@ estimator with all weights 1, so ``q * W`` is the expected number of sampled
 users. Adding or removing one household changes the sum by at most C in L2
 norm. So each round is a subsampled Gaussian mechanism with noise multiplier
 sigma and sampling rate q, which is what each data owner's accountant
-records. Dividing by a number
-that depends neither on the sample nor on the updates is post-processing.
+records. Dividing by a number that depends neither on the sample nor on the
+updates is post-processing.
 
 Here each household h has its own q_h, sigma_h and C_h. The expected number
 of households is ``sum q_h`` over the households that could train this round,
@@ -166,7 +166,7 @@ def _update(outcome: HouseholdOutcome, start: Mapping[str, np.ndarray], sums: Ma
     update = {}
     for name, value in outcome.arrays.items():
         if name not in sums:
-            logger.warning("Household %s returned array %r, which is not a floating-point array of the global model; ignored", outcome.household, name)
+            logger.warning("Ignoring array %r from household %s because it is not a floating-point array of the global model", name, outcome.household)
             continue
         update[name] = value.astype(np.float64).reshape(start[name].shape) - start[name].astype(np.float64)
     return update

@@ -92,11 +92,12 @@ class HomesplitStrategy(Strategy):
         With the "time" or "energy" planner, discovery ends with a link
         probe, as `homesplit.link_probes` describes. Each household's data
         owner measures its link to every other device of the household over
-        the household's link, which is mutual TLS unless the devices run with
-        insecure-links. This is the time the owner may spend on one device,
-        connecting included. The server waits `discovery_timeout` plus this
-        time per device of the largest household. A link that was not
-        measured is planned with `homesplit.planner.DEFAULT_LINK`, with a WARNING.
+        the transport that training uses, which is mutual TLS unless the
+        devices run with insecure-links. This is the time the owner may spend
+        on one device, connecting included. The server waits
+        `discovery_timeout` plus this time for each device other than the data
+        owner in the largest household. A link that was not measured is
+        planned with `homesplit.planner.DEFAULT_LINK`, with a WARNING.
     planner : {"balanced", "time", "energy"}, default "balanced"
         How households are cut. "balanced" balances parameter counts
         (`homesplit.household_plan.plan_household`). "time" and "energy" run

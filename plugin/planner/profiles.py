@@ -262,9 +262,9 @@ class LinkProfile:
         # A measurement decoded from JSON may be Infinity or NaN, which would
         # make every plan across this link cost the same or nothing.
         if not 0 < self.bandwidth_bytes_per_second < math.inf:
-            raise ConfigError(f"bandwidth={self.bandwidth_bytes_per_second!r} bytes/s must be positive and finite")
+            raise ConfigError(f"bandwidth={self.bandwidth_bytes_per_second!r} bytes/s is invalid; allowed: a positive finite number")
         if not 0 <= self.latency_seconds < math.inf:
-            raise ConfigError(f"latency={self.latency_seconds!r} s must be finite and not negative")
+            raise ConfigError(f"latency={self.latency_seconds!r} s is invalid; allowed: a finite number of at least 0")
 
     def transfer_seconds(self, num_bytes: float) -> float:
         """Return the time to send `num_bytes` bytes, in seconds."""

@@ -217,7 +217,7 @@ class PrivacyBudget:
         Raises
         ------
         PrivacyError
-            If `raw` is not a mapping, or on unknown or missing keys or invalid values.
+            If `raw` is not a mapping, has unknown or missing keys, or has invalid values.
         """
         known = {"target_epsilon", "target_delta", "accountant", "history"}
         if not isinstance(raw, dict):
@@ -230,7 +230,7 @@ class PrivacyBudget:
         except PrivacyError:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
-            # ValueError and OverflowError come from history entries that are not (sigma, q, steps) numbers.
+            # History entries that are not (sigma, q, steps) numbers raise ValueError or OverflowError.
             raise PrivacyError(f"invalid privacy budget {reprlib.repr(raw)}: {exc}") from exc
 
     def to_json(self) -> str:

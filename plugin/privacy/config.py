@@ -149,7 +149,7 @@ class PrivacyConfig:
         try:
             return cls(**raw)
         except (TypeError, OverflowError) as exc:
-            # OverflowError: math.isfinite of an integer beyond the float range, which JSON allows.
+            # math.isfinite raises OverflowError on an integer beyond the float range, which JSON allows.
             raise PrivacyError(f"invalid privacy settings {raw}: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:

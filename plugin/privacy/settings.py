@@ -162,9 +162,8 @@ def check_settings(raw: Any, *, where: str) -> dict[str, Any]:
             "at every step; allowed: local, or central with mode household"
         )
     if settings["mode"] == "household" and settings["sample-rate"] is not None and settings["sample-rate"] < 1:
-        # NOTE: the subsampled accounting needs every round counted, drawn or not, but a data owner receives
-        # messages only in the rounds its household trains in, so it would count too few steps and understate
-        # epsilon.
+        # NOTE: subsampled accounting must count every round, drawn or not. A data owner receives messages
+        # only in the rounds its household trains in, so it would count too few steps and understate epsilon.
         raise ConfigError(
             f"{where}.sample-rate={settings['sample-rate']!r} is not supported yet: a household's accountant "
             "counts only the rounds it trains in, so sampling households would understate epsilon; "
@@ -312,7 +311,7 @@ class RoundPrivacy:
         ------
         PrivacyError
             If `raw` is not a mapping with a ``config`` mapping and an integer
-            ``steps``, or on invalid settings.
+            ``steps``, or if the settings in ``config`` are invalid.
         """
         config = raw.get("config") if isinstance(raw, Mapping) else None
         steps = raw.get("steps") if isinstance(raw, Mapping) else None
