@@ -25,10 +25,10 @@ def tcp_pair(*, buffer_bytes: int | None = None, dialed_timeout: float | None = 
     """
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     dialed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if buffer_bytes is not None:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
-        dialed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
     try:
+        if buffer_bytes is not None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+            dialed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         dialed.settimeout(CONNECT_SECONDS)

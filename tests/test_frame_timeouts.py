@@ -2,8 +2,8 @@
 
 Each case sends part of a frame and then nothing, over plain TCP, over
 `TlsStream` and over `ssl.SSLSocket`, and the reader must time out with an
-error that names the peer and how far the frame got. A peer whose bytes keep
-arriving, however slowly, must not count as silent.
+error that names the peer and how many bytes of the frame arrived. A peer
+whose bytes keep arriving, however slowly, must not count as silent.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ PEER = "phone@127.0.0.1"
 FIXED = HEADER.pack(MAGIC, VERSION, int(FrameKind.ACTIVATION), DTYPE_CODES[torch.float32], 1, 0, 0, 0, 0, 1, 64)
 SHAPE = struct.pack("<Q", 16)
 
-# What the peer sends before it stalls, and the part of the frame it stalls in.
+# Part of the frame the peer stalls in -> (bytes it sends before it stalls,
+# progress text that the timeout error must contain).
 STALLS = {
     "header": (FIXED[:5], f"5 of {HEADER.size} bytes of its header"),
     "payload": (FIXED + SHAPE + b"\0" * 10, "10 of 64 bytes of its payload"),
@@ -53,11 +55,11 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DeviceBundle]
 def _handshake_pair(server_side, client_side) -> tuple[object, object]:
     """Run the server handshake in a thread and the client handshake here, and return (client, server)."""
     result: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("server", server_side()))
+    thread = threading.Thread(target=lambda: result.setdefault("server", server_side()), daemon=True)
     thread.start()
     client = client_side()
     thread.join(timeout=WAIT_SECONDS)
-    assert "server" in result, "server handshake did not finish"
+    assert "server" in result, f"server handshake failed or did not finish within {WAIT_SECONDS} s"
     return client, result["server"]
 
 
@@ -91,6 +93,28 @@ def connection(request: pytest.FixtureRequest, bundles: dict[str, DeviceBundle])
     receiver.close()
 
 
+@contextmanager
+def _open_link(
+    kind: str, bundles: dict[str, DeviceBundle], timeouts: LinkTimeouts, *, inbound_timeout: float | None = None
+) -> Iterator[tuple[object, SocketLink]]:
+    """Open a SocketLink that reads what the phone sends over `kind`, and yield (sender, link).
+
+    SocketLink needs separate outbound and inbound sockets for TLS, because an
+    OpenSSL connection must not be read and written from two threads at once.
+    So the link's heartbeats go to a socket pair that the test never reads.
+    """
+    sender, inbound = _connect(kind, bundles)
+    outbound, sink = socket.socketpair()
+    inbound.settimeout(inbound_timeout)
+    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
+    try:
+        yield sender, link
+    finally:
+        link.close()
+        sender.close()
+        sink.close()
+
+
 @pytest.mark.parametrize("limit", ["socket_timeout", "deadline"])
 @pytest.mark.parametrize("stall", list(STALLS))
 def test_read_frame_stall_raises_peer_timeout(connection, stall: str, limit: str) -> None:
@@ -116,24 +140,14 @@ def test_read_frame_stall_raises_peer_timeout(connection, stall: str, limit: str
 
 @pytest.mark.parametrize("kind", ["tcp", "tls_stream"])
 def test_link_stalled_inbound_raises_peer_timeout(kind: str, bundles: dict[str, DeviceBundle]) -> None:
-    sender, inbound = _connect(kind, bundles)
-    # The link's heartbeats go to a socket that the test never reads, because
-    # the link's writer must not write to the TLS stream that the test writes to.
-    outbound, sink = socket.socketpair()
-    inbound.settimeout(STALL_SECONDS)
     timeouts = LinkTimeouts(connect=WAIT_SECONDS, recv=WAIT_SECONDS, peer_silence=WAIT_SECONDS, heartbeat=1.0)
-    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
-    try:
+    with _open_link(kind, bundles, timeouts, inbound_timeout=STALL_SECONDS) as (sender, link):
         sender.sendall(STALLS["payload"][0])
         with pytest.raises(PeerTimeoutError) as raised:
             link.recv(timeout=WAIT_SECONDS)
         # The reader failed the link, so a later recv raises the same error at once.
         with pytest.raises(PeerTimeoutError):
             link.recv(timeout=WAIT_SECONDS)
-    finally:
-        link.close()
-        sender.close()
-        sink.close()
 
     assert raised.value.peer == PEER
     assert STALLS["payload"][1] in str(raised.value)
@@ -144,54 +158,44 @@ def test_link_slow_frame_is_not_silence(kind: str, bundles: dict[str, DeviceBund
     # The peer sends one frame in pieces over twice `peer_silence`. Bytes
     # keep arriving, so the peer is slow, not silent, and the frame must come
     # through whole.
-    sender, inbound = _connect(kind, bundles)
-    outbound, sink = socket.socketpair()
     timeouts = LinkTimeouts(connect=WAIT_SECONDS, recv=WAIT_SECONDS, peer_silence=STALL_SECONDS * 2, heartbeat=STALL_SECONDS)
-    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
     payload = torch.arange(16, dtype=torch.float32)
     data = FIXED + SHAPE + payload.numpy().tobytes()
     pieces = [data[start : start + 8] for start in range(0, len(data), 8)]
     pause = timeouts.peer_silence * 2 / len(pieces)
 
-    def trickle() -> None:
-        for piece in pieces:
-            sender.sendall(piece)
-            time.sleep(pause)
+    with _open_link(kind, bundles, timeouts) as (sender, link):
 
-    thread = threading.Thread(target=trickle, daemon=True)
-    thread.start()
-    try:
-        frame = link.recv(timeout=WAIT_SECONDS)
-    finally:
-        thread.join(timeout=WAIT_SECONDS)
-        link.close()
-        sender.close()
-        sink.close()
+        def trickle() -> None:
+            for piece in pieces:
+                sender.sendall(piece)
+                time.sleep(pause)
 
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            frame = link.recv(timeout=WAIT_SECONDS)
+        finally:
+            thread.join(timeout=WAIT_SECONDS)
+
+    assert not thread.is_alive(), f"sender still running after {WAIT_SECONDS} s"
     assert frame.kind is FrameKind.ACTIVATION
     assert torch.equal(frame.tensor, payload)
 
 
 @pytest.mark.parametrize("kind", ["tcp", "tls_stream"])
 def test_link_returns_frame_before_silence(kind: str, bundles: dict[str, DeviceBundle]) -> None:
-    # The peer sends one whole frame and then nothing, and the caller asks
-    # for it only after `peer_silence` has passed. The frame arrived, so recv
-    # must return it, and only the next recv counts the silence.
-    sender, inbound = _connect(kind, bundles)
-    outbound, sink = socket.socketpair()
+    # The peer sends one whole frame and then nothing, and the test calls
+    # recv only after twice `peer_silence`. The frame arrived, so recv must
+    # return it, and only the next recv raises for the silence.
     timeouts = LinkTimeouts(connect=WAIT_SECONDS, recv=WAIT_SECONDS, peer_silence=STALL_SECONDS * 2, heartbeat=STALL_SECONDS)
-    link = SocketLink(outbound, inbound, peer=PEER, timeouts=timeouts)
     payload = torch.arange(16, dtype=torch.float32)
-    try:
+    with _open_link(kind, bundles, timeouts) as (sender, link):
         sender.sendall(FIXED + SHAPE + payload.numpy().tobytes())
         time.sleep(timeouts.peer_silence * 2)
         frame = link.recv(timeout=WAIT_SECONDS)
         with pytest.raises(PeerTimeoutError) as raised:
             link.recv(timeout=WAIT_SECONDS)
-    finally:
-        link.close()
-        sender.close()
-        sink.close()
 
     assert torch.equal(frame.tensor, payload)
     assert "sent nothing" in str(raised.value)
