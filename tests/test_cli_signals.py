@@ -16,8 +16,8 @@ from homesplit.process_tree import set_child_subreaper
 from process_watch import ProcessWatcher
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "household-digits"
-# One household of two devices starts the fewest Flower processes that still
-# include flwr-serverapp, which the SuperLink's flower-superexec starts outside
+# One household of two devices is the smallest experiment that still starts
+# flwr-serverapp. The SuperLink's flower-superexec starts that process outside
 # the SuperLink's session.
 EXPERIMENT = f"""\
 app: {APP}
@@ -36,18 +36,22 @@ STOP_SECONDS = 60.0
 
 
 def _stop_survivors(watcher: ProcessWatcher) -> None:
-    """SIGKILL and reap every recorded process that is still running."""
+    """Send SIGKILL to every recorded process that is still running, and reap it by PID."""
     for pid, process in watcher.seen.items():
-        if process.is_running():
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                # Not a child of this process, so its own parent reaps it.
-                pass
+        if not process.is_running():
+            continue
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+        deadline = time.monotonic() + STOP_SECONDS
+        try:
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                assert time.monotonic() < deadline, f"process {pid} still running {STOP_SECONDS} s after SIGKILL"
+                time.sleep(0.01)
+        except ChildProcessError:
+            # Not a child of this process, so its own parent reaps it.
+            pass
 
 
 @pytest.mark.slow
@@ -58,8 +62,8 @@ def test_sweep_sigterm_leaves_no_process(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "homesplit.cli", "sweep", str(experiment), "--epsilon", "8", "--out", str(tmp_path / "out")]
     stderr_path = tmp_path / "stderr.txt"
 
-    # As a subreaper, this process adopts whatever outlives the CLI, so the
-    # watcher still finds it among this process's descendants.
+    # As a subreaper, this process adopts every descendant that outlives the
+    # CLI, so the watcher still finds it among this process's descendants.
     previous = set_child_subreaper(True)
     try:
         with ProcessWatcher(flower_only=False) as watcher, stderr_path.open("wb") as stderr:
