@@ -34,8 +34,8 @@ from homesplit.privacy.settings import check_settings, decode_run_config, resolv
 from homesplit.records import ARRAYS, CONFIG, LINK_PROBE, LINKS, PLAN, PRIVACY, QUERY_PROBE_LINKS
 from homesplit.strategies.link_probes import _owner_results
 
-# The first two overflow the decoder's recursion limit. The third is valid
-# JSON that decodes, but nests deeper than MAX_JSON_DEPTH.
+# The first two overflow Python's recursion limit in `json.loads`. The third
+# is valid JSON that decodes, but it nests deeper than MAX_JSON_DEPTH.
 PAYLOADS = [
     pytest.param("[" * 100_000, id="100000-arrays"),
     pytest.param('{"a": ' * 100_000, id="100000-objects"),
@@ -58,7 +58,7 @@ def _load_budget(payload: str):
     return load_budget(context, _round_privacy())
 
 
-# Each public decoder: how it gets the payload, the error it must raise, and the start of the message.
+# Each public decoder: how it gets the payload, the error it must raise, and text that its message must contain.
 DECODERS = [
     pytest.param(
         lambda payload: LinkProbeRequest.from_config({**PROBE_REQUEST.to_config(), "peers": payload}),
@@ -100,8 +100,8 @@ def test_loads_limited_depth_boundary():
 
 
 def test_job_deep_model_kwargs_rejected():
-    # 600 levels decode within the recursion limit of 1000, but dataclasses.asdict
-    # in to_json recurses two frames per level, so it would overflow.
+    # 600 levels decode within Python's default recursion limit of 1000. But
+    # dataclasses.asdict in to_json recurses two frames per level, so it would overflow.
     deep = "[" * 600 + "]" * 600
     text = json.dumps(JOB)[:-1] + f', "model_kwargs": {{"layers": {deep}}}}}'
     with pytest.raises(ConfigError, match=f"nests deeper than {MAX_JSON_DEPTH} levels"):
@@ -123,7 +123,7 @@ def test_profile_cache_deep_is_ignored(tmp_path, caplog):
     assert "ignoring unreadable profile cache" in caplog.text
 
 
-def test_worker_deep_job_file_reports_config_error(tmp_path):
+def test_worker_deep_job_file_config_error(tmp_path):
     job = tmp_path / "job.json"
     job.write_text("[" * 100_000, encoding="utf-8")
     out = tmp_path / "stage0"
@@ -141,7 +141,7 @@ def test_worker_deep_job_file_reports_config_error(tmp_path):
 
 @pytest.fixture
 def task_identity(monkeypatch):
-    """Give Flower's Message constructor the run and node ids a Flower process would have."""
+    """Set the run, node and task ids that Flower's Message constructor reads inside a Flower process."""
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
@@ -180,7 +180,7 @@ def _train_message(**changes: str) -> Message:
         ("optimizer", "ConfigError: the message's optimizer is not valid JSON"),
     ],
 )
-def test_device_app_deep_train_config_replies_error(tmp_path, task_identity, key, expected):
+def test_device_app_rejects_deep_train_config(tmp_path, task_identity, key, expected):
     app = device_app(model_fn=_model, example_inputs=lambda: (torch.zeros(1, 4),), load_data=_data)
     reply = app(_train_message(**{key: "[" * 100_000}), _context(tmp_path))
     assert reply.has_error()
@@ -188,7 +188,7 @@ def test_device_app_deep_train_config_replies_error(tmp_path, task_identity, key
     assert len(reply.error.reason) < 500
 
 
-def test_device_app_deep_probe_request_replies_error(tmp_path, task_identity):
+def test_device_app_rejects_deep_probe_request(tmp_path, task_identity):
     app = device_app(model_fn=_model, example_inputs=lambda: (torch.zeros(1, 4),), load_data=_data)
     request = ConfigRecord({**PROBE_REQUEST.to_config(), "peers": "[" * 100_000})
     message = Message(RecordDict({LINK_PROBE: request}), dst_node_id=1, message_type=QUERY_PROBE_LINKS)
@@ -206,7 +206,7 @@ def test_server_deep_probe_results_logged(task_identity, caplog):
     assert "laptop sent invalid link measurements: link probe results are not JSON" in caplog.text
 
 
-# Valid JSON of the wrong shape: each decoder's own error, never a KeyError, TypeError or OverflowError.
+# Valid JSON of the wrong shape. Each decoder must raise its own error, never a KeyError, TypeError or OverflowError.
 WRONG_SHAPES = [
     pytest.param(
         lambda: LinkProbeRequest.from_config({**PROBE_REQUEST.to_config(), "peers": '"phone"'}),

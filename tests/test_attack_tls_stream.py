@@ -613,7 +613,7 @@ def test_send_never_blocks_on_stalled_peer(link_kind: str, bundles: dict[str, Pa
 
 
 def _wait_for_bytes(sock: socket.socket, count: int) -> None:
-    """Wait until `count` bytes sit unread in `sock`'s kernel receive buffer."""
+    """Wait until `sock`'s kernel receive buffer contains at least `count` unread bytes."""
     deadline = time.monotonic() + WAIT_SECONDS
     while _unread_bytes(sock) < count:
         assert time.monotonic() < deadline, f"only {_unread_bytes(sock)} of {count} bytes arrived within {WAIT_SECONDS} s"
@@ -626,9 +626,9 @@ def _unread_bytes(sock: socket.socket) -> int:
 
 @pytest.mark.parametrize("close_notify", [False, True], ids=["open", "close_notify"])
 def test_recv_into_decrypts_every_buffered_record(close_notify: bool, bundles: dict[str, Path]) -> None:
-    # Three full records in one read: the stream must return all of them at
-    # once rather than one 16 KiB record per call, and must not lose them
-    # when a close_notify follows.
+    # Three full 16 KiB records wait in the kernel buffer before the first read.
+    # The stream must return all of them in one call rather than one record per
+    # call, and must not lose them when a close_notify follows.
     raw, peer, stream = _ciphertext_connection(bundles)
     try:
         plaintext = os.urandom(3 << 14)
@@ -649,7 +649,7 @@ def test_recv_into_decrypts_every_buffered_record(close_notify: bool, bundles: d
 
 @pytest.mark.parametrize("nbytes", [-1, 65], ids=["negative", "past_buffer"])
 def test_recv_into_rejects_bad_size(nbytes: int, bundles: dict[str, Path]) -> None:
-    # A plain socket raises ValueError for these; returning 0 would read as a closed connection.
+    # A plain socket raises ValueError for these sizes. Returning 0 would look like a closed connection.
     raw, _, stream = _ciphertext_connection(bundles)
     try:
         with pytest.raises(ValueError):

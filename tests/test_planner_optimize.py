@@ -182,9 +182,9 @@ def test_memory_counts_kept_microbatches():
 def make_hand_example() -> tuple[list[LayerProfile], list[DeviceProfile]]:
     """Return the units and devices whose step costs the tests below work out by hand.
 
-    Units of 0.5 and 1.0 s per sample with 1000 bytes per sample across the
-    cut, on device "a" (speed 1, 2 W idle, 10 W busy) and "b" (speed 2, 1 W
-    idle, 5 W busy).
+    The units take 0.5 and 1.0 s per sample and send 1000 bytes per sample
+    across the cut. Device "a" has speed 1, 2 W idle and 10 W busy, and "b"
+    has speed 2, 1 W idle and 5 W busy.
     """
     layers = [
         make_layer(0, last=False, seconds=0.5, output=1000, parameters=0, activation=0),
